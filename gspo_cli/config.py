@@ -1,0 +1,204 @@
+"""Typed configuration: the schema every YAML file in `conf/` is validated against.
+
+Hydra merges the group files (`model/`, `task/`, `algo/`, `hardware/`, `logger/`) into
+`TrainConfig`. Because the schema is a structured config, a misspelled key or a value of
+the wrong type fails while composing, before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class TinyModelSpec:
+    """Shape of a model the tool builds itself (used when `ModelConfig.build` is set)."""
+
+    hidden_size: int = 64
+    """Width of the residual stream."""
+    num_hidden_layers: int = 4
+    """Decoder layers."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_key_value_heads: int = 2
+    """Key/value heads (grouped-query attention, as in Qwen3)."""
+    head_dim: int = 16
+    """Per-head width."""
+    intermediate_size: int = 256
+    """MLP width of the dense model (and of dense layers of the MoE)."""
+    num_experts: int = 8
+    """Experts per MoE layer; 0 builds the dense `Qwen3ForCausalLM`."""
+    num_experts_per_tok: int = 2
+    """Top-k routing."""
+    moe_intermediate_size: int = 128
+    """MLP width of each expert."""
+    max_position_embeddings: int = 128
+    """Longest sequence the rotary embedding is set up for."""
+
+
+@dataclass
+class WarmStartConfig:
+    """Short supervised phase that stands in for pretraining when the model is built locally."""
+
+    enabled: bool = False
+    """Run the warm start (only meaningful for models the tool builds itself)."""
+    target_accuracy: float = 0.55
+    """Stop once greedy accuracy on a slice of the *training* prompts reaches this."""
+    max_steps: int = 3000
+    """Upper bound on supervised steps."""
+    check_every: int = 50
+    """Measure the stopping accuracy every this many steps."""
+    batch_size: int = 64
+    """Sequences per supervised step."""
+    lr: float = 3e-3
+    """AdamW learning rate of the supervised phase."""
+    seed: int = 0
+    """Seeds the model's initialisation and this phase; independent of the RL seed, so
+    runs that differ only in `seed` (or `algo`) start from the same base."""
+
+
+@dataclass
+class ModelConfig:
+    """Which causal LM to train and how to load it."""
+
+    name: str = "tiny-qwen3-moe"
+    """Short name, used in run names and the warm-start cache key."""
+    path: Optional[str] = None
+    """Hugging Face hub id or local directory for `from_pretrained`; unset for built models."""
+    build: Optional[TinyModelSpec] = None
+    """Build a small random Qwen3(-MoE) with the project's own tokenizer instead of loading."""
+    dtype: str = "float32"
+    """Parameter dtype when loading: float32, bfloat16 or float16."""
+    trust_remote_code: bool = False
+    """Passed to `from_pretrained` for checkpoints that ship their own modelling code."""
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    """Supervised warm start before RL (the local stand-in for a pretrained base)."""
+
+
+@dataclass
+class TaskConfig:
+    """Prompts with a verifiable reward."""
+
+    name: str = "arithmetic"
+    """Task family; `arithmetic` is generated in memory."""
+    reward: str = "exact_match"
+    """Name of the reward function in `gspo_cli.rewards.REWARDS`."""
+    max_operand: int = 99
+    """Arithmetic: operands are drawn from [0, max_operand]."""
+    operators: str = "+"
+    """Arithmetic: operators to draw from, e.g. "+-"."""
+    num_eval: int = 256
+    """Held-out prompts, never seen by training."""
+    seed: int = 1234
+    """Seed of the train/held-out split (fixed, so runs with different seeds share it)."""
+
+
+@dataclass
+class AlgoConfig:
+    """The policy loss and its clipping range."""
+
+    name: str = "gspo"
+    """Name in the config group (for run names and reports)."""
+    loss: str = "gspo"
+    """Key of the loss in `gspo_cli.losses.LOSSES`."""
+    clip_low: float = 3e-4
+    """Lower clip range: ratios below 1 - clip_low are clipped."""
+    clip_high: float = 4e-4
+    """Upper clip range: ratios above 1 + clip_high are clipped."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments passed to the loss function."""
+
+
+@dataclass
+class TrainerConfig:
+    """Rollout sizes, optimisation and the schedule of evaluation and logging."""
+
+    max_steps: int = 80
+    """RL steps; one step is one rollout batch with all its mini-batch updates."""
+    prompts_per_step: int = 32
+    """Prompts in a rollout batch."""
+    group_size: int = 8
+    """G: responses sampled per prompt."""
+    num_minibatches: int = 4
+    """Optimizer steps per rollout batch (the paper's protocol uses 4)."""
+    max_new_tokens: int = 8
+    """Longest response."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts (log-probabilities use the same)."""
+    lr: float = 1e-4
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up, in optimizer steps."""
+    eval_every: int = 10
+    """Evaluate at step 0, every this many steps, and at the end."""
+    eval_samples_logged: int = 8
+    """Completions logged as a table at each evaluation."""
+    save_final: bool = True
+    """Write the trained model to `checkpoints/final/` in the run directory."""
+
+
+@dataclass
+class HardwareConfig:
+    """Where the run executes."""
+
+    device: str = "cpu"
+    """torch device: cpu or cuda."""
+    precision: str = "fp32"
+    """fp32 or bf16 (autocast on GPU)."""
+    nproc_per_node: int = 1
+    """Processes per node (torchrun)."""
+    nnodes: int = 1
+    """Nodes (torchrun)."""
+    num_threads: int = 0
+    """CPU threads for torch; 0 keeps torch's default."""
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics go besides `metrics.jsonl` and the console."""
+
+    wandb: bool = True
+    """Log to Weights & Biases."""
+    project: str = "gspo"
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B entity (team or user); unset uses the default."""
+    group: Optional[str] = None
+    """W&B group (sweeps put their runs in one group)."""
+    mode: Optional[str] = None
+    """online, offline or disabled; unset means offline unless WANDB_MODE is set or you are logged in."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+    console_every: int = 5
+    """When stdout is not a terminal, print a plain line every this many steps."""
+
+
+@dataclass
+class TrainConfig:
+    """Root of the `gspo train` configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    """Seeds Python, NumPy and torch (sampling, initialisation, data order)."""
+    cache_dir: str = "~/.cache/gspo"
+    """Where built models and warm starts are cached between runs."""
+    run_name: Optional[str] = None
+    """Name of the run on W&B; defaults to `<algo>-<model>-s<seed>`."""
+
+
+def register_configs() -> None:
+    """Register the schema so that `conf/train.yaml` can extend it (`- train_schema`)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)

@@ -1,0 +1,163 @@
+"""Rollouts: batched sampling with a KV cache, and log-probabilities of responses.
+
+Prompts are left-padded, responses right-padded, so a batch of sequences is
+`[prompt (left pad) | response (right pad)]` and the response tokens sit in the last
+T columns. Positions are derived from the attention mask in every forward pass, so
+sampling and scoring see the same positions and π_old computed here matches the sampler.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+
+class Rollout(NamedTuple):
+    """A batch of sampled responses (N = prompts × G sequences, T response tokens)."""
+
+    input_ids: torch.Tensor  # [N, P + T] prompt then response token ids
+    attention_mask: torch.Tensor  # [N, P + T] 1 on real tokens
+    response_mask: torch.Tensor  # [N, T] float, 1 on response tokens (end-of-sequence included)
+    completions: list[str]  # N decoded responses, without the end-of-sequence token
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(model_class: type) -> str:
+    """Name of the KV-cache argument: `cache` in recent transformers, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding: [N, L] mask -> [N, L] positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize and left-pad prompts: returns ([N, P] ids, [N, P] mask)."""
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+@torch.no_grad()
+def sample(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample responses token by token with a KV cache; stop when every sequence has ended.
+
+    Args:
+        prompt_ids, prompt_mask: [N, P] left-padded prompts.
+        temperature: 0 for greedy decoding.
+        generator: torch generator for reproducible sampling.
+
+    Returns:
+        (response_ids [N, T], response_mask [N, T] float) with T ≤ max_new_tokens; the
+        end-of-sequence token is part of the response, padding after it is masked.
+    """
+    cache = {_cache_kwarg(type(model)): DynamicCache()}
+    attention_mask = prompt_mask
+    positions = positions_from_mask(prompt_mask)
+    out = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions,
+                use_cache=True, **cache, logits_to_keep=1)
+    finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+    tokens, alive = [], []
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            next_token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            next_token = logits.argmax(dim=-1)
+        next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
+        tokens.append(next_token)
+        alive.append(~finished)
+        finished = finished | (next_token == eos_token_id)
+        if bool(finished.all()):
+            break
+        attention_mask = torch.cat([attention_mask, (~finished).long()[:, None]], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=positions,
+                    use_cache=True, **cache)
+    return torch.stack(tokens, dim=1), torch.stack(alive, dim=1).float()
+
+
+def decode_responses(tokenizer: PreTrainedTokenizerBase, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+    """Decode each response's tokens, dropping padding and special tokens."""
+    return [
+        tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)
+        for ids, mask in zip(response_ids, response_mask)
+    ]
+
+
+def generate_rollout(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float,
+    generator: Optional[torch.Generator] = None,
+) -> Rollout:
+    """Sample one response per prompt (repeat prompts G times for groups) and decode them."""
+    device = str(next(model.parameters()).device)
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
+    response_ids, response_mask = sample(
+        model, prompt_ids, prompt_mask, max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        temperature=temperature, generator=generator,
+    )
+    return Rollout(
+        input_ids=torch.cat([prompt_ids, response_ids], dim=1),
+        attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
+        response_mask=response_mask,
+        completions=decode_responses(tokenizer, response_ids, response_mask),
+    )
+
+
+def response_logprobs(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    num_response_tokens: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Log-probabilities of the response tokens under `model` (with gradient if enabled).
+
+    Only the logits of the last T + 1 positions are computed (`logits_to_keep`), and the
+    log-probabilities are gathered through cross-entropy rather than a materialised
+    full-vocabulary log-softmax.
+
+    Args:
+        input_ids, attention_mask: [N, P + T].
+        num_response_tokens: T.
+        temperature: the sampling temperature, so that π matches the sampler.
+        with_entropy: also return the per-token entropy of the (tempered) distribution.
+
+    Returns:
+        (logp [N, T], entropy [N, T] or None).
+    """
+    T = num_response_tokens
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=positions_from_mask(attention_mask), logits_to_keep=T + 1)
+    logits = out.logits[:, :-1].float()  # [N, T, V]: position t predicts response token t
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = input_ids[:, -T:]
+    logp = -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").view_as(targets)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            log_probs = torch.log_softmax(logits, dim=-1)
+            entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return logp, entropy

@@ -1,0 +1,63 @@
+"""Every option of every config group composes; typos fail at compose time, naming the choices."""
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from conftest import compose_train
+from gspo_cli.cli import CONF_DIR
+from gspo_cli.config import TrainConfig
+from gspo_cli.losses import LOSSES
+from gspo_cli.rewards import REWARDS
+
+GROUPS = ["model", "task", "algo", "hardware", "logger"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes(group, option):
+    cfg = compose_train([f"{group}={option}"] + (["model.path=/some/dir"] if option == "local" else []))
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.algo.loss in LOSSES
+    assert cfg.task.reward in REWARDS
+
+
+def test_every_config_file_opens_with_a_comment():
+    for path in Path(CONF_DIR).rglob("*.yaml"):
+        assert path.read_text().startswith("#"), path
+
+
+def test_defaults():
+    cfg = compose_train()
+    assert (cfg.model.name, cfg.task.name, cfg.algo.name, cfg.hardware.device) == ("tiny-qwen3-moe", "arithmetic", "gspo", "cpu")
+    assert (cfg.algo.clip_low, cfg.algo.clip_high) == (3e-4, 4e-4)
+    assert cfg.trainer.num_minibatches == 4
+    assert cfg.logger.wandb
+
+
+def test_grpo_uses_the_papers_baseline_clip_range():
+    cfg = compose_train(["algo=grpo"])
+    assert (cfg.algo.loss, cfg.algo.clip_low, cfg.algo.clip_high) == ("grpo", 0.2, 0.27)
+
+
+def test_unknown_group_option_names_the_valid_choices():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_train(["algo=gpso"])
+    message = str(err.value)
+    assert "gspo" in message and "grpo" in message and "gspo-token" in message
+
+
+def test_misspelled_key_fails():
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)) as err:
+        compose_train(["algo.clip_lwo=0.1"])
+    assert "clip_lwo" in str(err.value) or "clip_lwo" in str(err.value.__cause__)
+
+
+def test_wrong_type_fails():
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose_train(["trainer.max_steps=many"])
