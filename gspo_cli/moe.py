@@ -1,0 +1,155 @@
+"""Mixture-of-Experts routing under RL: capture expert choices, measure their drift, replay them.
+
+The GSPO paper (§4.3) observes that after each gradient update about 10% of the experts a
+Qwen3-30B-A3B chooses for the same tokens change, which makes GRPO's per-token ratios
+swing; GRPO then needs "Routing Replay": compute π_θ with the experts π_old chose.
+
+`MoERouting` attaches one forward hook to every top-k router of a Hugging Face MoE model
+(the `TopKRouter` modules of Qwen3-MoE and its relatives in transformers ≥ 5, which return
+`(router_logits, top_k_weights, top_k_indices)`). Inside `capture()` the hooks record each
+layer's chosen experts; inside `replay(indices)` they replace the router's choice by the
+given experts, weighted by the current router's probabilities over them and renormalised
+as the model itself does, so gradients still reach the router.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+Routes = list[torch.Tensor]  # one [num_tokens, k] tensor of expert indices per MoE layer
+
+
+class RoutingReplayUnsupported(ValueError):
+    """The model has MoE layers whose routers this module cannot capture or replay."""
+
+
+def is_moe(model: nn.Module) -> bool:
+    """Whether the model's config declares experts."""
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0))
+
+
+def find_routers(model: nn.Module) -> list[nn.Module]:
+    """The top-k router modules, in layer order.
+
+    Raises:
+        RoutingReplayUnsupported: the config declares experts but no supported router exists.
+    """
+    routers = [m for m in model.modules()
+               if type(m).__name__.endswith("TopKRouter") and hasattr(m, "top_k") and hasattr(m, "weight")]
+    if is_moe(model) and not routers:
+        raise RoutingReplayUnsupported(
+            f"{type(model).__name__} declares experts but has no top-k router module this tool can hook "
+            "(supported: transformers >= 5 MoE models whose router returns (logits, weights, indices), "
+            "such as Qwen3-MoE); routing metrics and algo.routing_replay need one")
+    return routers
+
+
+class MoERouting:
+    """Hooks on every router of `model`: capture expert choices and optionally force them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.routers = find_routers(model)
+        self._captured: Optional[Routes] = None
+        self._forced: Optional[Routes] = None
+        self._handles = [router.register_forward_hook(self._hook(layer))
+                         for layer, router in enumerate(self.routers)]
+
+    @property
+    def num_layers(self) -> int:
+        """Number of MoE layers (0 for a dense model)."""
+        return len(self.routers)
+
+    def _hook(self, layer: int):
+        def hook(module: nn.Module, inputs, output):
+            logits, weights, indices = output
+            if self._captured is not None:
+                self._captured[layer] = indices.detach()
+            if self._forced is None:
+                return None
+            forced = self._forced[layer]
+            if forced.shape != indices.shape:
+                raise ValueError(f"routing replay: layer {layer} expects routes of shape {tuple(indices.shape)}, "
+                                 f"got {tuple(forced.shape)} (the batch must match the one routes were captured on)")
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+            forced_weights = probs.gather(-1, forced)
+            if getattr(module, "norm_topk_prob", False):
+                forced_weights = forced_weights / forced_weights.sum(-1, keepdim=True)
+            return logits, forced_weights.to(weights.dtype), forced
+        return hook
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[Routes]:
+        """Record every layer's [num_tokens, k] expert indices of the forward passes inside."""
+        self._captured = [torch.empty(0, dtype=torch.long)] * self.num_layers
+        try:
+            yield self._captured
+        finally:
+            self._captured = None
+
+    @contextlib.contextmanager
+    def replay(self, routes: Routes) -> Iterator[None]:
+        """Force the given expert indices in every layer during the forward passes inside."""
+        if len(routes) != self.num_layers:
+            raise ValueError(f"routing replay: {len(routes)} layers of routes for {self.num_layers} MoE layers")
+        self._forced = routes
+        try:
+            yield
+        finally:
+            self._forced = None
+
+    def remove(self) -> None:
+        """Detach the hooks."""
+        for handle in self._handles:
+            handle.remove()
+
+
+def routes_by_sequence(routes: Routes, batch_size: int) -> Routes:
+    """Reshape captured routes from [N·L, k] to [N, L, k] so rows can be selected per sequence."""
+    return [r.view(batch_size, -1, r.shape[-1]) for r in routes]
+
+
+def select_rows(routes: Routes, rows: torch.Tensor) -> Routes:
+    """Routes of a subset of sequences, flattened back to [n·L, k] as a router sees them."""
+    return [r[rows].reshape(-1, r.shape[-1]) for r in routes]
+
+
+def changed_fraction(current: torch.Tensor, old: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Share of (token, top-k slot) expert choices of `current` that `old` did not make.
+
+    Choices are compared as sets per token, so two experts that only swap slots count as
+    unchanged.
+
+    Args:
+        current, old: [N, L, k] expert indices of one layer.
+        mask: [N, L], 1 on the tokens to count.
+
+    Returns:
+        Scalar in [0, 1].
+    """
+    kept = (current[..., :, None] == old[..., None, :]).any(-1).float()  # [N, L, k]
+    changed_per_token = 1.0 - kept.mean(-1)  # [N, L]
+    return (changed_per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def routing_metrics(current: Routes, old: Routes, mask: torch.Tensor) -> dict[str, float]:
+    """`routing/changed_fraction` (mean over layers) and its per-layer values.
+
+    Args:
+        current, old: per layer [N, L, k].
+        mask: [N, L] tokens to count (the response tokens).
+    """
+    per_layer = [changed_fraction(c, o, mask).item() for c, o in zip(current, old)]
+    metrics = {f"routing/changed_fraction/layer_{i}": v for i, v in enumerate(per_layer)}
+    if per_layer:
+        metrics["routing/changed_fraction"] = sum(per_layer) / len(per_layer)
+    return metrics
+
+
+def routes_megabytes(routes: Routes) -> float:
+    """Memory held by cached routes, in MB."""
+    return sum(r.numel() * r.element_size() for r in routes) / 1e6

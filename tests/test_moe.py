@@ -1,0 +1,104 @@
+"""Routing capture, replay and the changed-fraction metric on the tiny Qwen3-MoE."""
+
+import pytest
+import torch
+
+from gspo_cli.models import build_char_tokenizer, build_tiny_model
+from gspo_cli.moe import (MoERouting, RoutingReplayUnsupported, changed_fraction, find_routers, routes_by_sequence,
+                          routing_metrics, select_rows)
+from gspo_cli.rollout import encode_prompts, positions_from_mask, response_logprobs
+
+from conftest import TEST_SPEC
+
+
+def test_changed_fraction_compares_sets_per_token():
+    # Token 0: old {1, 2}, current {2, 1} -> same set, 0 changed.
+    # Token 1: old {1, 2}, current {1, 3} -> one of two slots changed, 0.5.
+    # Token 2: masked out (would be fully changed).
+    old = torch.tensor([[[1, 2], [1, 2], [0, 1]]])
+    cur = torch.tensor([[[2, 1], [1, 3], [5, 6]]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    assert changed_fraction(cur, old, mask).item() == pytest.approx(0.25)  # (0 + 0.5) / 2
+
+
+def test_routing_metrics_per_layer_and_mean():
+    old = [torch.tensor([[[0, 1]]]), torch.tensor([[[0, 1]]])]
+    cur = [torch.tensor([[[0, 1]]]), torch.tensor([[[2, 3]]])]
+    m = routing_metrics(cur, old, torch.ones(1, 1))
+    assert m == {"routing/changed_fraction/layer_0": 0.0, "routing/changed_fraction/layer_1": 1.0,
+                 "routing/changed_fraction": 0.5}
+
+
+@pytest.fixture
+def moe_and_batch(tiny_model):
+    model, tokenizer = tiny_model
+    ids, mask = encode_prompts(tokenizer, ["1+2=3", "40+59=99", "7+7=14"], "cpu")
+    return model, ids, mask
+
+
+def test_capture_records_every_layer(moe_and_batch):
+    model, ids, mask = moe_and_batch
+    routing = MoERouting(model)
+    assert routing.num_layers == TEST_SPEC.num_hidden_layers
+    with routing.capture() as routes:
+        model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
+    by_seq = routes_by_sequence(routes, ids.shape[0])
+    assert [tuple(r.shape) for r in by_seq] == [(3, ids.shape[1], TEST_SPEC.num_experts_per_tok)] * routing.num_layers
+
+
+def test_replay_of_own_routes_is_exact_and_forces_other_routes(moe_and_batch):
+    model, ids, mask = moe_and_batch
+    routing = MoERouting(model)
+    T = 3
+    with routing.capture() as routes:
+        base, _ = response_logprobs(model, ids, mask, T)
+    routes = list(routes)
+    # Replaying the model's own choices changes nothing.
+    with routing.replay(routes):
+        replayed, _ = response_logprobs(model, ids, mask, T)
+    assert torch.allclose(base, replayed, atol=1e-6)
+    # Forcing other experts changes the output and the forced experts are the ones used.
+    other = [(r + 1) % TEST_SPEC.num_experts for r in routes]
+    with routing.capture() as natural, routing.replay(other):
+        forced, _ = response_logprobs(model, ids, mask, T)
+    assert not torch.allclose(base, forced, atol=1e-4)
+    assert all(torch.equal(n, r) for n, r in zip(natural, routes))  # capture sees the router's own choice
+
+
+def test_replay_lets_gradients_reach_the_router(moe_and_batch):
+    model, ids, mask = moe_and_batch
+    routing = MoERouting(model)
+    with routing.capture() as routes:
+        model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
+    routes = list(routes)
+    with routing.replay(routes):
+        logp, _ = response_logprobs(model, ids, mask, 3)
+    logp.sum().backward()
+    assert all(r.weight.grad is not None and r.weight.grad.abs().sum() > 0 for r in routing.routers)
+
+
+def test_select_rows_matches_a_forward_on_those_rows(moe_and_batch):
+    model, ids, mask = moe_and_batch
+    routing = MoERouting(model)
+    with routing.capture() as routes:
+        model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
+    by_seq = routes_by_sequence(list(routes), ids.shape[0])
+    rows = torch.tensor([2, 0])
+    with routing.capture() as sub:
+        model(input_ids=ids[rows], attention_mask=mask[rows], position_ids=positions_from_mask(mask[rows]))
+    assert all(torch.equal(a, b) for a, b in zip(select_rows(by_seq, rows), sub))
+
+
+def test_dense_model_has_no_routers():
+    spec = type(TEST_SPEC)(**{**vars(TEST_SPEC), "num_experts": 0})
+    dense = build_tiny_model(spec, build_char_tokenizer(), seed=0)
+    assert find_routers(dense) == []
+    assert MoERouting(dense).num_layers == 0
+
+
+def test_unsupported_moe_is_a_clear_error():
+    class FakeMoE(torch.nn.Module):
+        config = type("C", (), {"num_experts": 4})()
+
+    with pytest.raises(RoutingReplayUnsupported, match="no top-k router"):
+        find_routers(FakeMoE())
