@@ -1,30 +1,43 @@
-"""Policy-gradient losses: GSPO, its token-level form, and the GRPO baseline.
+"""Policy-gradient losses: GSPO, its token-level form, GRPO and the variants it is compared with.
 
 Every loss has one signature and is registered by name in `LOSSES`:
 
-    loss, metrics = LOSSES[name](logp, old_logp, advantages, mask, clip_low=..., clip_high=...)
+    loss, metrics = LOSSES[name](logp, old_logp, advantages, mask, clip_low=..., clip_high=...,
+                                 loss_agg=..., is_weights=..., **params)
 
 Shapes: B sequences (responses), T response tokens (right-padded).
     logp       [B, T]  log π_θ(y_t | x, y_<t), with gradient
     old_logp   [B, T]  log π_old(y_t | x, y_<t) from the rollout policy, no gradient
     advantages [B]     one advantage per response (gspo-token also takes [B, T])
     mask       [B, T]  1.0 on response tokens, 0.0 on padding
+    is_weights [B, T]  optional detached importance weights (truncated IS for the gap between
+                       sampler and trainer); sequence-level losses use their geometric mean
+
+Each loss turns its per-token ([B, T]) or per-sequence ([B]) terms into one scalar with
+`aggregation.aggregate` under `loss_agg`; keyword arguments a loss does not name (the global counts
+`num_tokens`, `num_seqs`, `horizon`, `num_shards`) go to `aggregate`.
 
 `loss` is a scalar to minimise; `metrics` holds detached scalar tensors under the names
 the trainer logs (`clip/fraction`, `ratio/mean`, ...). "Clipped" means the clip is active,
 that is the clipped term is the one `min` selects and the gradient of that token vanishes;
 for sequence-level losses every token of a clipped sequence counts as clipped, which makes
 `clip/fraction` (a share of tokens) comparable between GSPO and GRPO as in the paper's Fig. 4.
+CISPO and SAPO never zero a gradient; their `clip/*` metrics count the tokens whose weight
+the method cuts: CISPO's truncated importance weights, and SAPO's tokens whose soft gate has
+damped the gradient to less than half (see each loss).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
+from gspo_cli.aggregation import AGGREGATIONS, aggregate, aggregation_warning  # noqa: F401 (re-exported)
+
 Metrics = dict[str, torch.Tensor]
 LossFn = Callable[..., tuple[torch.Tensor, Metrics]]
+
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -54,6 +67,17 @@ def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.T
     return masked_mean(logp - old_logp, mask, dim=1)
 
 
+def sequence_weights(is_weights: Optional[torch.Tensor], mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """Geometric mean of token weights per sequence ([B, T] -> [B]), matching GSPO's ratio."""
+    if is_weights is None:
+        return None
+    return torch.exp(masked_mean(torch.log(is_weights.clamp(min=1e-12)), mask, dim=1))
+
+
+def _weighted(values: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    return values if weights is None else values * weights
+
+
 def clipped_surrogate(
     ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,6 +94,11 @@ def clipped_surrogate(
     clipped_low = (advantages < 0) & (ratio < 1.0 - clip_low)
     clipped_high = (advantages > 0) & (ratio > 1.0 + clip_high)
     return loss, clipped_low, clipped_high
+
+
+def _token_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B] or [B, T] advantages as [B, T]."""
+    return advantages[:, None].expand_as(mask) if advantages.dim() == 1 else advantages
 
 
 def _common_metrics(
@@ -102,7 +131,15 @@ def _common_metrics(
         }
 
 
-# ---------------------------------------------------------------------------- losses
+def _per_sequence_metrics(seq_ratio, logp, old_logp, mask, low, high) -> Metrics:
+    """`_common_metrics` for a loss with one ratio and one clip decision per sequence."""
+    expand = lambda x: x[:, None].expand_as(mask)  # noqa: E731
+    metrics = _common_metrics(expand(seq_ratio.detach()), logp, old_logp, mask, expand(low), expand(high))
+    metrics["ratio/seq_mean"] = seq_ratio.detach().mean()
+    return metrics
+
+
+# ---------------------------------------------------------------------------- sequence-ratio losses
 
 
 def gspo_loss(
@@ -112,6 +149,10 @@ def gspo_loss(
     mask: torch.Tensor,
     clip_low: float = 3e-4,
     clip_high: float = 4e-4,
+    *,
+    loss_agg: str = "seq-mean-token-mean",
+    is_weights: Optional[torch.Tensor] = None,
+    **agg,
 ) -> tuple[torch.Tensor, Metrics]:
     """GSPO (paper eq. 5): clip the length-normalised sequence ratio, average over sequences.
 
@@ -122,16 +163,13 @@ def gspo_loss(
         logp, old_logp, mask: [B, T]; advantages: [B].
         clip_low, clip_high: the sequence ratio is clipped to [1 − clip_low, 1 + clip_high]
             (paper defaults 3e-4 / 4e-4, §5.1).
+        loss_agg, agg: see `aggregate`; the paper's is seq-mean-token-mean.
+        is_weights: [B, T] or None; their per-sequence geometric mean weights each sequence.
     """
     seq_ratio = torch.exp(sequence_log_ratio(logp, old_logp, mask))  # [B]
     per_seq, low, high = clipped_surrogate(seq_ratio, advantages, clip_low, clip_high)
-    loss = per_seq.mean()
-    token_ratio = seq_ratio.detach()[:, None].expand_as(mask)
-    metrics = _common_metrics(
-        token_ratio, logp, old_logp, mask, low[:, None].expand_as(mask), high[:, None].expand_as(mask)
-    )
-    metrics["ratio/seq_mean"] = seq_ratio.detach().mean()
-    return loss, metrics
+    loss = aggregate(_weighted(per_seq, sequence_weights(is_weights, mask)), mask, loss_agg, **agg)
+    return loss, _per_sequence_metrics(seq_ratio, logp, old_logp, mask, low, high)
 
 
 def gspo_token_loss(
@@ -141,25 +179,68 @@ def gspo_token_loss(
     mask: torch.Tensor,
     clip_low: float = 3e-4,
     clip_high: float = 4e-4,
+    *,
+    loss_agg: str = "seq-mean-token-mean",
+    is_weights: Optional[torch.Tensor] = None,
+    **agg,
 ) -> tuple[torch.Tensor, Metrics]:
     """GSPO-token (paper eq. 13): per-token advantages with the sequence ratio's value.
 
     s_{i,t} = sg[s_i] · π_θ(y_t) / sg[π_θ(y_t)]: numerically s_i for every token, but its
     gradient flows through each token's own log-probability, so a token-level advantage
     A_{i,t} can weight each token. With A_{i,t} = A_i this equals `gspo_loss` in value and
-    gradient.
+    gradient, under every aggregation.
 
     Args:
         logp, old_logp, mask: [B, T]; advantages: [B] or [B, T].
     """
     seq_log_ratio = sequence_log_ratio(logp, old_logp, mask)  # [B]
     token_ratio = torch.exp(logp - logp.detach() + seq_log_ratio.detach()[:, None])  # [B, T]
-    token_adv = advantages[:, None].expand_as(mask) if advantages.dim() == 1 else advantages
-    per_token, low, high = clipped_surrogate(token_ratio, token_adv, clip_low, clip_high)
-    loss = seq_mean_token_mean(per_token, mask)
+    per_token, low, high = clipped_surrogate(token_ratio, _token_advantages(advantages, mask), clip_low, clip_high)
+    seq_w = sequence_weights(is_weights, mask)
+    loss = aggregate(_weighted(per_token, None if seq_w is None else seq_w[:, None]), mask, loss_agg, **agg)
     metrics = _common_metrics(token_ratio, logp, old_logp, mask, low, high)
     metrics["ratio/seq_mean"] = seq_log_ratio.detach().exp().mean()
     return loss, metrics
+
+
+def gmpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.4,
+    clip_high: float = 0.4,
+    *,
+    loss_agg: str = "seq-mean-token-mean",
+    is_weights: Optional[torch.Tensor] = None,
+    **agg,
+) -> tuple[torch.Tensor, Metrics]:
+    """GMPO (arXiv 2507.20673): the geometric mean of token ratios, each clipped in log space.
+
+    Each token's log-ratio is clipped to [−clip_low, clip_high] *before* the geometric mean,
+    pessimistically as PPO does (for A > 0 the smaller, for A < 0 the larger of clipped and
+    unclipped), then −A_i · exp(mean_t clipped log-ratio) is the sequence's loss. A clipped
+    token contributes no gradient; the others keep theirs.
+
+    Args:
+        clip_low, clip_high: log-space bounds (the paper's (e^−0.4, e^0.4), §4).
+    """
+    log_ratio = logp - old_logp  # [B, T]
+    sign = torch.sign(advantages)[:, None]  # [B, 1]
+    clamped = log_ratio.clamp(-clip_low, clip_high)
+    pessimistic = sign * torch.minimum(sign * log_ratio, sign * clamped)
+    seq_ratio = torch.exp(masked_mean(pessimistic, mask, dim=1))  # [B]
+    per_seq = -advantages * seq_ratio
+    loss = aggregate(_weighted(per_seq, sequence_weights(is_weights, mask)), mask, loss_agg, **agg)
+    low = (sign < 0) & (log_ratio < -clip_low)
+    high = (sign > 0) & (log_ratio > clip_high)
+    metrics = _common_metrics(torch.exp(log_ratio), logp, old_logp, mask, low, high)
+    metrics["ratio/seq_mean"] = seq_ratio.detach().mean()
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------- token-ratio losses
 
 
 def grpo_loss(
@@ -169,24 +250,114 @@ def grpo_loss(
     mask: torch.Tensor,
     clip_low: float = 0.2,
     clip_high: float = 0.27,
+    *,
+    loss_agg: str = "seq-mean-token-mean",
+    is_weights: Optional[torch.Tensor] = None,
+    **agg,
 ) -> tuple[torch.Tensor, Metrics]:
     """GRPO (paper eq. 2): per-token ratio π_θ(y_t)/π_old(y_t), clipped per token.
 
-    Per-token losses are averaged within each response, then over responses.
+    Per-token losses are averaged within each response, then over responses (by default).
 
     Args:
-        logp, old_logp, mask: [B, T]; advantages: [B].
+        logp, old_logp, mask: [B, T]; advantages: [B] or [B, T].
         clip_low, clip_high: per-token clip range (the paper's tuned baseline: 0.2 / 0.27).
     """
     token_ratio = torch.exp(logp - old_logp)  # [B, T]
-    token_adv = advantages[:, None].expand_as(mask)
-    per_token, low, high = clipped_surrogate(token_ratio, token_adv, clip_low, clip_high)
-    loss = seq_mean_token_mean(per_token, mask)
+    per_token, low, high = clipped_surrogate(token_ratio, _token_advantages(advantages, mask), clip_low, clip_high)
+    loss = aggregate(_weighted(per_token, is_weights), mask, loss_agg, **agg)
     return loss, _common_metrics(token_ratio, logp, old_logp, mask, low, high)
+
+
+def dr_grpo_loss(logp, old_logp, advantages, mask, clip_low: float = 0.2, clip_high: float = 0.27, *,
+                 loss_agg: str = "seq-mean-token-sum-norm", **kwargs) -> tuple[torch.Tensor, Metrics]:
+    """Dr. GRPO (arXiv 2503.20783): GRPO's surrogate, token losses summed and divided by a
+    constant (B · max response length) instead of each response's length; its other change,
+    no std scaling of advantages, lives in `advantages.py` (`algo.adv_scale=none`)."""
+    return grpo_loss(logp, old_logp, advantages, mask, clip_low, clip_high, loss_agg=loss_agg, **kwargs)
+
+
+def dapo_loss(logp, old_logp, advantages, mask, clip_low: float = 0.2, clip_high: float = 0.28, *,
+              loss_agg: str = "token-mean", **kwargs) -> tuple[torch.Tensor, Metrics]:
+    """DAPO (arXiv 2503.14476): GRPO's surrogate with clip-higher (0.2 / 0.28, §3.1) and
+    token-mean aggregation over the batch (§3.3); dynamic sampling and the overlong penalty
+    act on the rollout batch (`sampling.py`)."""
+    return grpo_loss(logp, old_logp, advantages, mask, clip_low, clip_high, loss_agg=loss_agg, **kwargs)
+
+
+def cispo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 1.0,
+    clip_high: float = 0.28,
+    *,
+    loss_agg: str = "token-mean",
+    is_weights: Optional[torch.Tensor] = None,
+    **agg,
+) -> tuple[torch.Tensor, Metrics]:
+    """CISPO (MiniMax-M1, arXiv 2506.13585, eq. 4): −sg[clip(r_t, 1−ε_low, 1+ε_high)] · A · log π_θ(y_t).
+
+    The importance weight is clipped and detached, and multiplies the log-probability, so
+    a token whose ratio left the range keeps a (capped) gradient instead of none.
+    "Clipped" tokens (`clip/*`) are those whose weight was truncated, whatever the sign of A.
+
+    Args:
+        clip_low: 1.0 puts no lower bound on the weight, as the paper does.
+        clip_high: upper truncation of the weight.
+    """
+    token_ratio = torch.exp(logp - old_logp)  # [B, T]
+    weight = token_ratio.detach().clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = -weight * _token_advantages(advantages, mask) * logp
+    loss = aggregate(_weighted(per_token, is_weights), mask, loss_agg, **agg)
+    low, high = token_ratio < 1.0 - clip_low, token_ratio > 1.0 + clip_high
+    return loss, _common_metrics(token_ratio, logp, old_logp, mask, low, high)
+
+
+def sapo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.0,
+    clip_high: float = 0.0,
+    *,
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
+    loss_agg: str = "seq-mean-token-mean",
+    is_weights: Optional[torch.Tensor] = None,
+    **agg,
+) -> tuple[torch.Tensor, Metrics]:
+    """SAPO (arXiv 2511.20347): a soft sigmoid gate in place of the hard clip.
+
+    Per token: −A · f(r) with f(r) = σ(τ (r − 1)) · 4/τ, τ = tau_pos for A > 0 and tau_neg
+    otherwise. df/dr = 4 σ(1 − σ) is 1 at r = 1 (REINFORCE) and decays smoothly as r leaves 1
+    on either side; τ_neg > τ_pos damps negative updates faster (paper defaults 1.0 / 1.05).
+    There is no clip range (clip_low/clip_high are accepted and unused). A token counts as
+    "clipped" when its gate weight 4σ(1 − σ) is below 1/2, i.e. its gradient is at least halved;
+    `gate/weight_mean` is the mean of that weight.
+    """
+    token_ratio = torch.exp(logp - old_logp)  # [B, T]
+    token_adv = _token_advantages(advantages, mask)
+    tau = torch.where(token_adv > 0, torch.full_like(token_adv, tau_pos), torch.full_like(token_adv, tau_neg))
+    gate = torch.sigmoid(tau * (token_ratio - 1.0))
+    per_token = -token_adv * gate * 4.0 / tau
+    loss = aggregate(_weighted(per_token, is_weights), mask, loss_agg, **agg)
+    weight = (4.0 * gate * (1.0 - gate)).detach()
+    damped = weight < 0.5
+    metrics = _common_metrics(token_ratio, logp, old_logp, mask, damped & (token_ratio < 1), damped & (token_ratio > 1))
+    metrics["gate/weight_mean"] = masked_mean(weight, mask)
+    return loss, metrics
 
 
 LOSSES: dict[str, LossFn] = {
     "gspo": gspo_loss,
     "gspo-token": gspo_token_loss,
+    "gmpo": gmpo_loss,
     "grpo": grpo_loss,
+    "dr-grpo": dr_grpo_loss,
+    "dapo": dapo_loss,
+    "cispo": cispo_loss,
+    "sapo": sapo_loss,
 }

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from gspo_cli.losses import LOSSES, gspo_loss, gspo_token_loss, grpo_loss, masked_mean, sequence_log_ratio
+from gspo_cli.aggregation import AGGREGATIONS, aggregate, aggregation_warning
+from gspo_cli.losses import (LOSSES, cispo_loss, gmpo_loss, gspo_loss, gspo_token_loss, grpo_loss, masked_mean,
+                             sapo_loss, sequence_log_ratio)
 
 # Two responses: the first has 2 tokens, the second 3 (one padding column for the first).
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
@@ -119,9 +121,143 @@ def test_padding_never_matters():
 
 
 def test_registry_shares_one_signature():
-    assert set(LOSSES) >= {"gspo", "gspo-token", "grpo"}
+    assert set(LOSSES) >= {"gspo", "gspo-token", "grpo", "dr-grpo", "dapo", "cispo", "sapo", "gmpo"}
     for name, loss_fn in LOSSES.items():
         loss, metrics = loss_fn(OLD + 0.01, OLD, torch.tensor([1.0, -1.0]), MASK, clip_low=0.1, clip_high=0.1)
         assert loss.dim() == 0, name
         assert {"clip/fraction", "clip/seq_fraction", "clip/low_fraction", "clip/high_fraction",
                 "ratio/mean", "kl/old_new"} <= set(metrics), name
+
+
+# ---------------------------------------------------------------------------- the variants
+# The same hand-made batch as above: token ratios seq 0 = [2, 1] with A = +1, seq 1 = [1, 1, 0.5]
+# with A = −1 (5 response tokens).
+RATIOS = torch.tensor([[2.0, 1.0, 1.0], [1.0, 1.0, 0.5]])
+ADV = torch.tensor([1.0, -1.0])
+
+
+def test_dapo_is_clip_higher_grpo_with_token_mean():
+    # Clip 0.2 / 0.28: r = 2 (A = +1) clipped to 1.28 -> −1.28; r = 1 -> −1 (seq 0).
+    # seq 1 (A = −1): r = 1, 1 -> +1, +1; r = 0.5 < 0.8 -> −min(−0.5, −0.8) = +0.8.
+    # token-mean over the 5 tokens: (−1.28 − 1 + 1 + 1 + 0.8) / 5 = 0.52 / 5 = 0.104.
+    loss, m = LOSSES["dapo"](OLD + torch.log(RATIOS), OLD, ADV, MASK, clip_low=0.2, clip_high=0.28)
+    assert loss.item() == pytest.approx(0.104, abs=1e-6)
+    assert m["clip/fraction"].item() == pytest.approx(2 / 5)
+
+
+def test_dr_grpo_divides_the_token_sum_by_a_constant():
+    # Token losses as GRPO (clip 0.2 / 0.27): −1.27, −1 | 1, 1, 0.8 -> sum 0.53.
+    # Divided by B · H: H = 3 (the padded width) by default -> 0.53 / 6; with horizon 8 -> 0.53 / 16.
+    logp = OLD + torch.log(RATIOS)
+    loss, _ = LOSSES["dr-grpo"](logp, OLD, ADV, MASK, clip_low=0.2, clip_high=0.27)
+    assert loss.item() == pytest.approx(0.53 / 6, abs=1e-6)
+    loss, _ = LOSSES["dr-grpo"](logp, OLD, ADV, MASK, clip_low=0.2, clip_high=0.27, horizon=8)
+    assert loss.item() == pytest.approx(0.53 / 16, abs=1e-6)
+
+
+def test_cispo_weights_log_probs_and_keeps_clipped_tokens_gradient():
+    # logp: seq 0 = [log 1, log 0.5] = [0, −0.693147]; seq 1 = [log 0.2, log 0.4, log 0.25]
+    # = [−1.609438, −0.916291, −1.386294]. Weights sg[clip(r, 0, 1.28)]: [1.28, 1] and [1, 1, 0.5].
+    # Per token −w·A·logp: seq 0: 0, +0.693147; seq 1 (A = −1): −1.609438, −0.916291, −0.693147.
+    # token-mean: −2.525729 / 5 = −0.505146.
+    logp = (OLD + torch.log(RATIOS)).requires_grad_(True)
+    loss, m = cispo_loss(logp, OLD, ADV, MASK, clip_low=1.0, clip_high=0.28)
+    assert loss.item() == pytest.approx(-0.505146, abs=1e-5)
+    assert m["clip/fraction"].item() == pytest.approx(1 / 5)  # only r = 2 is truncated
+    assert m["clip/high_fraction"].item() == pytest.approx(1 / 5)
+    loss.backward()
+    # The truncated token still gets −w·A / N = −1.28 / 5 (GRPO would give it 0).
+    assert logp.grad[0, 0].item() == pytest.approx(-1.28 / 5, rel=1e-6)
+
+
+def test_sapo_soft_gate():
+    # f(r) = σ(τ(r − 1)) · 4/τ, loss −A·f. seq 0 (A = +1, τ = 1): r = 2 -> 4σ(1) = 2.924234; r = 1 -> 2.
+    # seq 0 mean: −(2.924234 + 2) / 2 = −2.462117.
+    # seq 1 (A = −1, τ = 1.05): r = 1 -> 2/1.05 = 1.904762 (twice); r = 0.5 -> 4σ(−0.525)/1.05 = 1.415938.
+    # seq 1 mean: (2 · 1.904762 + 1.415938) / 3 = 1.741821. seq-mean-token-mean: −0.360148.
+    loss, m = sapo_loss(OLD + torch.log(RATIOS), OLD, ADV, MASK, tau_pos=1.0, tau_neg=1.05)
+    assert loss.item() == pytest.approx(-0.360148, abs=1e-5)
+    # Gate weights 4σ(1 − σ): r = 2 -> 0.786 (≥ 1/2, not "clipped"); nothing is damped below half.
+    assert m["clip/fraction"].item() == 0.0
+    # r = 4 (A = +1): weight 4σ(3)(1 − σ(3)) = 0.1807 < 1/2 -> counted as clipped (high side).
+    _, m = sapo_loss(OLD + torch.log(torch.tensor([[4.0, 1.0, 1.0], [1.0, 1.0, 1.0]])), OLD, ADV, MASK)
+    assert m["clip/high_fraction"].item() == pytest.approx(1 / 5)
+    assert m["gate/weight_mean"].item() == pytest.approx((0.180707 + 4) / 5, abs=1e-5)
+
+
+def test_gmpo_clips_token_log_ratios_before_the_geometric_mean():
+    # clip ±0.4 in log space. seq 0 (A = +1): log-ratios [0.693, 0] -> min with clamp: [0.4, 0];
+    # mean 0.2, ratio e^0.2 = 1.221403, loss −1.221403.
+    # seq 1 (A = −1): [0, 0, −0.693] -> max with clamp: [0, 0, −0.4]; mean −0.13333, ratio 0.875173,
+    # loss +0.875173. Mean over sequences: (−1.221403 + 0.875173) / 2 = −0.173115.
+    logp = (OLD + torch.log(RATIOS)).requires_grad_(True)
+    loss, m = gmpo_loss(logp, OLD, ADV, MASK, clip_low=0.4, clip_high=0.4)
+    assert loss.item() == pytest.approx(-0.173115, abs=1e-5)
+    assert (m["clip/low_fraction"].item(), m["clip/high_fraction"].item()) == (pytest.approx(0.2), pytest.approx(0.2))
+    loss.backward()
+    # Clipped tokens get no gradient, the others do.
+    assert logp.grad[0, 0].item() == 0.0 and logp.grad[1, 2].item() == 0.0
+    assert logp.grad[0, 1].item() != 0.0 and logp.grad[1, 0].item() != 0.0
+
+
+# ---------------------------------------------------------------------------- invariants
+
+
+def _batch(seed: int = 0):
+    torch.manual_seed(seed)
+    old = torch.randn(4, 6).clamp(max=0) - 0.1
+    mask = (torch.arange(6)[None] < torch.tensor([6, 3, 5, 1])[:, None]).float()
+    return old, mask, torch.tensor([1.0, -0.5, 0.25, -2.0])
+
+
+@pytest.mark.parametrize("mode", AGGREGATIONS)
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_gradient_at_ratio_one_is_reinforce_under_each_aggregation(name, mode):
+    # On-policy nothing is clipped and every ratio (token, sequence, geometric mean, soft gate
+    # derivative, CISPO's weight) is 1 with d ratio / d logp_t = 1 (or 1/|y| for a sequence ratio,
+    # which the |y| of the token count in the aggregation undoes), so each loss's gradient is
+    # that of the REINFORCE surrogate −aggregate(A · logp) under the same aggregation.
+    old, mask, advantages = _batch()
+    logp = old.clone().requires_grad_(True)
+    loss, _ = LOSSES[name](logp, old, advantages, mask, clip_low=0.2, clip_high=0.2, loss_agg=mode, horizon=8)
+    loss.backward()
+    reference = old.clone().requires_grad_(True)
+    (-aggregate(advantages[:, None] * reference, mask, mode, horizon=8)).backward()
+    assert torch.allclose(logp.grad, reference.grad, atol=1e-7), (name, mode)
+
+
+@pytest.mark.parametrize("mode", AGGREGATIONS)
+@pytest.mark.parametrize("shift", [1e-4, 0.3])
+def test_gspo_token_equals_gspo_under_every_aggregation(mode, shift):
+    old, mask, advantages = _batch()
+    base = old + shift * torch.randn(4, 6)
+    results = []
+    for loss_fn in (gspo_loss, gspo_token_loss):
+        logp = base.clone().requires_grad_(True)
+        loss, _ = loss_fn(logp, old, advantages, mask, loss_agg=mode)
+        loss.backward()
+        results.append((loss.detach(), logp.grad))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+
+
+def test_importance_weights_scale_the_loss():
+    # Token weights 2 everywhere: a token-level loss doubles; a sequence-level loss is weighted by
+    # the per-sequence geometric mean of its token weights, here also 2.
+    logp = OLD + 0.01
+    for loss_fn in (grpo_loss, gspo_loss):
+        plain, _ = loss_fn(logp, OLD, ADV, MASK)
+        weighted, _ = loss_fn(logp, OLD, ADV, MASK, is_weights=torch.full_like(MASK, 2.0))
+        assert weighted.item() == pytest.approx(2 * plain.item(), rel=1e-6)
+    # Geometric mean for sequences: seq 0 weights [4, 1] -> 2; seq 1 weights [1, 1, 1] -> 1.
+    w = torch.tensor([[4.0, 1.0, 7.0], [1.0, 1.0, 1.0]])
+    per_seq_plain = [gspo_loss(logp[i:i + 1], OLD[i:i + 1], ADV[i:i + 1], MASK[i:i + 1])[0].item() for i in range(2)]
+    weighted, _ = gspo_loss(logp, OLD, ADV, MASK, is_weights=w)
+    assert weighted.item() == pytest.approx((2 * per_seq_plain[0] + per_seq_plain[1]) / 2, rel=1e-5)
+
+
+def test_sequence_ratio_with_token_sum_warns():
+    assert aggregation_warning("gspo", "seq-mean-token-sum") is not None
+    assert "length" in aggregation_warning("gmpo", "seq-mean-token-sum-norm")
+    assert aggregation_warning("gspo", "seq-mean-token-mean") is None
+    assert aggregation_warning("grpo", "seq-mean-token-sum") is None

@@ -1,0 +1,57 @@
+"""KL estimators, the sampler/trainer gap and truncated importance weights on hand-made numbers."""
+
+import math
+
+import pytest
+import torch
+
+from gspo_cli.kl import kl_estimate, logp_mismatch, truncated_is_weights
+
+
+@pytest.mark.parametrize("estimator,expected", [
+    # log ρ = log π_ref − log π_θ = log 0.25 − log 0.5 = −log 2 = −0.693147.
+    ("k1", math.log(2)),  # −log ρ = 0.693147
+    ("k2", 0.5 * math.log(2) ** 2),  # 0.240227
+    ("k3", 0.5 - 1 + math.log(2)),  # ρ − 1 − log ρ = 0.193147
+])
+def test_estimators(estimator, expected):
+    logp, ref = torch.log(torch.tensor([[0.5]])), torch.log(torch.tensor([[0.25]]))
+    assert kl_estimate(logp, ref, estimator).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_zero_where_the_policies_agree(estimator):
+    logp = torch.log(torch.tensor([[0.3, 0.6]])).requires_grad_(True)
+    kl = kl_estimate(logp, logp.detach(), estimator)
+    assert torch.equal(kl.detach(), torch.zeros(1, 2))
+    kl.sum().backward()
+    # k2 and k3 have zero gradient at equality (a minimum); k1's is 1 (its gradient is the score function).
+    assert torch.allclose(logp.grad, torch.ones(1, 2) if estimator == "k1" else torch.zeros(1, 2))
+
+
+def test_unknown_estimator_names_the_choices():
+    with pytest.raises(ValueError, match="k3"):
+        kl_estimate(torch.zeros(1, 1), torch.zeros(1, 1), "k4")
+
+
+def test_mismatch_metrics():
+    # Trainer minus sampler: seq 0 [+0.1, −0.1, (pad 5)], seq 1 [0.3, 0.3, 0.3].
+    # |Δ| token mean: (0.1 + 0.1 + 0.9) / 5 = 0.22. Sequence means 0 and 0.3 -> max exp(|.|) = e^0.3.
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    sampler = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.2, 0.4, 0.5]]))
+    train = sampler + torch.tensor([[0.1, -0.1, 5.0], [0.3, 0.3, 0.3]])
+    m = logp_mismatch(train, sampler, mask)
+    assert m["mismatch/logp_abs_diff"].item() == pytest.approx(0.22, rel=1e-5)
+    assert m["mismatch/seq_ratio_max"].item() == pytest.approx(math.exp(0.3), rel=1e-5)
+    # No gap: 0 and exactly 1.
+    m = logp_mismatch(sampler, sampler, mask)
+    assert (m["mismatch/logp_abs_diff"].item(), m["mismatch/seq_ratio_max"].item()) == (0.0, 1.0)
+
+
+def test_truncated_importance_weights():
+    # π_train / π_sampler = e^0.5 = 1.6487 (kept), e^1 = 2.718 (capped at 2), e^−1 = 0.3679 (kept).
+    sampler = torch.zeros(1, 3)
+    train = torch.tensor([[0.5, 1.0, -1.0]], requires_grad=True)
+    w = truncated_is_weights(train, sampler, cap=2.0)
+    assert torch.allclose(w, torch.tensor([[math.exp(0.5), 2.0, math.exp(-1.0)]]))
+    assert not w.requires_grad

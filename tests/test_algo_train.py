@@ -1,0 +1,84 @@
+"""Every algo option trains the default task a few steps with finite metrics (tiny model, CPU)."""
+
+import json
+import math
+
+import pytest
+
+import gspo_cli.train as train_module
+from conftest import compose_train
+from gspo_cli.train import train
+from test_train import STEP_METRICS, small_overrides
+
+# On CPU in float32 the sampler (KV cache, one token at a time) and the trainer (one full forward
+# pass) compute the same log-probabilities up to float rounding, ~1e-6; 1e-4 leaves room for
+# other thread counts and BLAS kernels while still catching any real misalignment (a shifted
+# position or token gives gaps of order 1).
+MISMATCH_TOL = 1e-4
+
+
+def run(tmp_path, cache_dir, algo, extra=(), steps=2, monkeypatch=None):
+    """Train `steps` steps; return the per-step metric records and how many models were loaded."""
+    loads = []
+    if monkeypatch is not None:
+        original = train_module.load_model
+        monkeypatch.setattr(train_module, "load_model", lambda *a, **k: loads.append(a) or original(*a, **k))
+    cfg = compose_train(small_overrides(cache_dir, algo, steps) + ["logger=none", "trainer.save_final=false",
+                                                                   *extra])
+    train(cfg, tmp_path / "run")
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == list(range(steps + 1))
+    return lines[:steps], len(loads)
+
+
+def assert_finite(records, names):
+    for record in records:
+        for name in names:
+            assert math.isfinite(record[name]), (name, record)
+
+
+def assert_no_gap(records):
+    for record in records:
+        assert record["mismatch/logp_abs_diff"] < MISMATCH_TOL, record
+        assert 1.0 <= record["mismatch/seq_ratio_max"] < 1.0 + MISMATCH_TOL, record
+
+
+@pytest.mark.parametrize("algo", ["dr-grpo", "dapo", "cispo", "sapo", "gmpo"])
+def test_each_algo_trains_with_finite_metrics(algo, tmp_path, cache_dir):
+    records, _ = run(tmp_path, cache_dir, algo)
+    extra = {"dapo": ["sampling/informative_fraction", "sampling/refills", "reward/overlong_penalty"],
+             "sapo": ["gate/weight_mean"], "gmpo": ["ratio/seq_mean"]}.get(algo, [])
+    assert_finite(records, STEP_METRICS + ["loss", "eval/accuracy"] + extra)
+    assert_no_gap(records)  # recompute (the default): the gap is measured on every batch
+
+
+def test_advantage_kl_and_tis_options_train(tmp_path, cache_dir, monkeypatch):
+    records, loads = run(tmp_path, cache_dir, "grpo", monkeypatch=monkeypatch, extra=[
+        "algo.adv_baseline=rloo", "algo.adv_scale=batch-std", "algo.kl_coef=0.05", "algo.kl_estimator=k2",
+        "algo.tis_cap=2.0"])
+    assert loads == 2  # the policy and, because kl_coef != 0, the frozen reference
+    assert_finite(records, STEP_METRICS + ["loss", "kl/ref"])
+    assert all(r["kl/ref"] >= 0.0 for r in records)  # k2 is a square
+    assert_no_gap(records)
+
+
+def test_rollout_log_probs_as_pi_old(tmp_path, cache_dir, monkeypatch):
+    records, loads = run(tmp_path, cache_dir, "gspo", ["algo.old_logp=rollout"], monkeypatch=monkeypatch)
+    assert loads == 1  # kl_coef = 0: no reference model
+    assert "kl/ref" not in records[0]
+    assert_finite(records, STEP_METRICS + ["loss", "mismatch/logp_abs_diff", "mismatch/seq_ratio_max"])
+    assert_no_gap(records)
+
+
+def test_sequence_ratio_with_token_sum_warns_once_and_trains(tmp_path, cache_dir):
+    with pytest.warns(UserWarning, match="weighted by its length") as caught:
+        records, _ = run(tmp_path, cache_dir, "gspo", ["algo.loss_agg=seq-mean-token-sum"])
+    assert sum("weighted by its length" in str(w.message) for w in caught) == 1
+    assert_finite(records, ["loss", "clip/fraction"])
+
+
+def test_bad_algo_options_fail_before_training(tmp_path, cache_dir):
+    with pytest.raises(ValueError, match="seq-mean-token-mean"):
+        train(compose_train(small_overrides(cache_dir) + ["algo.loss_agg=sum"]), tmp_path / "a")
+    with pytest.raises(ValueError, match="old_logp=recompute"):
+        train(compose_train(small_overrides(cache_dir) + ["algo.old_logp=rollout", "algo.tis_cap=2"]), tmp_path / "b")
