@@ -1,13 +1,20 @@
-"""Tasks: prompt sets with reference answers, a held-out split, and the reward wiring."""
+"""Tasks: prompt sets with reference answers, a held-out split, and the reward wiring.
+
+`arithmetic` is generated in memory; every other task (`gsm8k`, `math`, `jsonl`, or your
+own `conf/task/*.yaml`) reads `task.path` through `gspo_cli.datasets_io`. Prompts are kept
+as plain text; `Task.for_tokenizer` wraps them in a chat template once the tokenizer is loaded.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import random
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 from gspo_cli.config import TaskConfig
-from gspo_cli.rewards import REWARDS
+from gspo_cli.datasets_io import TaskFileError, read_rows
+from gspo_cli.rewards import RewardScorer, after_hashes, last_boxed, reward_terms
 
 
 @dataclass(frozen=True)
@@ -18,6 +25,14 @@ class Problem:
     answer: str
 
 
+@dataclass(frozen=True)
+class ChatFormat:
+    """How prompts become chat conversations (`task.chat_template=true`)."""
+
+    system_prompt: Optional[str] = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class Task:
     """A task: the training problems, the held-out problems, and the reward."""
@@ -25,11 +40,39 @@ class Task:
     name: str
     train: list[Problem]
     eval: list[Problem]
-    reward_fn: Callable[[str, str], float]
+    scorer: RewardScorer
+    chat: Optional[ChatFormat] = None
+    """Set until `for_tokenizer` has applied the chat template."""
 
     def reward(self, completion: str, answer: str) -> float:
-        """Score one completion against its reference answer."""
-        return float(self.reward_fn(completion, answer))
+        """Score one completion against its reference answer (terms that need its length are left out)."""
+        return self.scorer.score([completion], [answer])[0][0]
+
+    def score(self, completions: list[str], answers: list[str], num_tokens: Optional[list[int]] = None,
+              max_tokens: Optional[int] = None) -> tuple[list[float], dict[str, float]]:
+        """Rewards of N completions and their metrics (`reward/<name>/mean`, `reward/errors`)."""
+        return self.scorer.score(completions, answers, num_tokens, max_tokens)
+
+    def for_tokenizer(self, tokenizer) -> Task:
+        """This task with its prompts in the tokenizer's chat template, if the task asks for one."""
+        if self.chat is None:
+            return self
+        chat = self.chat
+
+        def wrap(problems: list[Problem]) -> list[Problem]:
+            return [Problem(chat_prompt(tokenizer, p.prompt, chat), p.answer) for p in problems]
+
+        return dataclasses.replace(self, train=wrap(self.train), eval=wrap(self.eval), chat=None)
+
+
+def chat_prompt(tokenizer, text: str, chat: ChatFormat) -> str:
+    """`text` as the user turn of a conversation, ending where the assistant's reply begins."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("task.chat_template=true, but this model's tokenizer has no chat template")
+    messages = [{"role": "system", "content": chat.system_prompt}] if chat.system_prompt else []
+    messages.append({"role": "user", "content": text})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         **chat.template_kwargs)
 
 
 OPERATIONS: dict[str, Callable[[int, int], int]] = {
@@ -61,14 +104,51 @@ def split_heldout(problems: list[Problem], num_eval: int, seed: int) -> tuple[li
     return shuffled[num_eval:], shuffled[:num_eval]
 
 
+# How the reference answer is read from a file's answer field (`task.answer_extract`).
+ANSWER_EXTRACTORS: dict[str, Callable[[str], Optional[str]]] = {
+    "none": lambda text: text.strip() or None,
+    "hashes": after_hashes,  # GSM8K: "...reasoning...\n#### 72"
+    "boxed": last_boxed,  # MATH: a worked solution ending in \boxed{...}
+}
+
+
+def file_problems(cfg: TaskConfig, path: str, split: str) -> list[Problem]:
+    """The problems of one file: prompt through `task.template`, reference through `task.answer_extract`."""
+    extract = ANSWER_EXTRACTORS[cfg.answer_extract]
+    problems = []
+    for row in read_rows(path, split, cfg.prompt_key, cfg.answer_key):
+        reference = extract(row.answer)
+        if reference is None:
+            raise TaskFileError(f"{row.where}: no reference answer in field {cfg.answer_key!r} "
+                                f"(task.answer_extract={cfg.answer_extract}): {row.answer[-200:]!r}")
+        problems.append(Problem(cfg.template.replace("{prompt}", row.prompt), reference))
+    return problems
+
+
 def build_task(cfg: TaskConfig) -> Task:
     """Build the task named in the config."""
-    if cfg.reward not in REWARDS:
-        raise ValueError(f"task.reward={cfg.reward!r} is not one of {sorted(REWARDS)}")
-    if cfg.name != "arithmetic":
-        raise ValueError(f"task.name={cfg.name!r}: the only built-in task is 'arithmetic'")
-    train, held_out = split_heldout(arithmetic_problems(cfg.max_operand, cfg.operators), cfg.num_eval, cfg.seed)
-    return Task(name=cfg.name, train=train, eval=held_out, reward_fn=REWARDS[cfg.reward])
+    scorer = RewardScorer(reward_terms(cfg.reward))
+    if "{prompt}" not in cfg.template:
+        raise ValueError(f"task.template={cfg.template!r} must contain {{prompt}}")
+    if cfg.answer_extract not in ANSWER_EXTRACTORS:
+        raise ValueError(f"task.answer_extract={cfg.answer_extract!r} is not one of {sorted(ANSWER_EXTRACTORS)}")
+    if cfg.name == "arithmetic":
+        if cfg.path is not None:
+            raise ValueError("task.path is set, but task=arithmetic generates its prompts: use task=jsonl")
+        problems = arithmetic_problems(cfg.max_operand, cfg.operators)
+        train, held_out = split_heldout(problems, cfg.num_eval, cfg.seed)
+        train, held_out = ([Problem(cfg.template.replace("{prompt}", p.prompt), p.answer) for p in part]
+                           for part in (train, held_out))
+    elif cfg.path is None:
+        raise ValueError(f"task={cfg.name} reads its prompts from a file: set task.path= "
+                         "(JSONL, JSON, Parquet or a save_to_disk directory)")
+    elif cfg.eval_path is not None or cfg.eval_split is not None:
+        train = file_problems(cfg, cfg.path, cfg.split)
+        held_out = file_problems(cfg, cfg.eval_path or cfg.path, cfg.eval_split or cfg.split)
+    else:
+        train, held_out = split_heldout(file_problems(cfg, cfg.path, cfg.split), cfg.num_eval, cfg.seed)
+    chat = ChatFormat(cfg.system_prompt, dict(cfg.chat_template_kwargs)) if cfg.chat_template else None
+    return Task(name=cfg.name, train=train, eval=held_out, scorer=scorer, chat=chat)
 
 
 class PromptStream:
@@ -88,6 +168,15 @@ class PromptStream:
         order = list(range(len(self.problems)))
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order
+
+    def state(self) -> dict[str, int]:
+        """The position in the stream, for checkpoints."""
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        """Continue from a position saved by `state()`."""
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self._shuffled(self.epoch)
 
     def next_batch(self, n: int) -> list[Problem]:
         """The next `n` problems."""
