@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-all clean
+.PHONY: help install train test test-all bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,6 +32,13 @@ test: $(STAMP)  ## run the test suite (under 10 minutes on 2 cores)
 
 test-all: $(STAMP)  ## the test suite plus the slow end-to-end runs
 	$(BIN)/python -m pytest -q -m "" $(ARGS)
+
+$(VENV)/.installed-bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet $(PIP_EXTRA) -e ".[bench]"
+	touch $@
+
+bench: $(VENV)/.installed-bench  ## throughput vs TRL, ~10 min on 2 cores (options: make bench ARGS='--pairs 5')
+	$(BIN)/python -m bench.run $(ARGS)
 
 clean:  ## remove the virtual environment and caches (not outputs/)
 	rm -rf $(VENV) .pytest_cache

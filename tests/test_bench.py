@@ -1,0 +1,122 @@
+"""The throughput benchmark (bench/): FLOP counts, the bookkeeping, and a tiny run end to end."""
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from bench.flops import active_params, matmul_shapes, step_flops
+from bench.project import summarize_metrics
+from bench.run import main, pair_ratios
+from gspo_cli.config import ModelConfig, TinyModelSpec
+from gspo_cli.models import build_char_tokenizer, built_model_dir
+
+# A one-layer, 32-wide MoE keeps each run to a second or two; the 1,024-token vocabulary of
+# bench-qwen3-moe stays, so that random responses run to full length as in the real workload.
+TINY = ["--prompts", "4", "--group-size", "2", "--max-new-tokens", "4", "--minibatches", "2",
+        "--matmul-seconds", "0.02", "--model-override", "model.name=bench-test"] + [
+    arg for override in ("hidden_size=32", "num_hidden_layers=1", "num_attention_heads=2", "num_key_value_heads=1",
+                         "head_dim=16", "num_experts=4", "moe_intermediate_size=16")
+    for arg in ("--model-override", f"model.build.{override}")]
+RUN_FIELDS = ["framework", "version", "source_digest", "timed_s", "phases", "response_tokens", "prompt_tokens", "completions",
+              "tokens_per_s", "completions_per_s", "flops", "utilisation", "peak_rss_mib"]
+PHASES = ["generate_s", "old_logp_s", "update_s", "reward_s"]
+
+
+def moe_config(**changes):
+    values = dict(hidden_size=4, num_attention_heads=2, num_key_value_heads=1, head_dim=2, num_experts=4,
+                  num_experts_per_tok=2, moe_intermediate_size=3, intermediate_size=5, num_hidden_layers=2,
+                  vocab_size=10)
+    return SimpleNamespace(**{**values, **changes})
+
+
+def test_active_params_count_attention_router_topk_experts_and_head():
+    # attention: q and o 4·(2·2) each = 32, k and v 4·(1·2) each = 16 -> 48 per layer
+    # MoE: router 4·4 = 16, two experts of 3 matrices 4×3 -> 2·3·12 = 72 -> 88 per layer
+    # 2 layers · (48 + 88) = 272, plus the LM head 4·10 = 40 -> 312
+    assert active_params(moe_config()) == 312
+    # dense: gate, up and down 4×5 -> 60 per layer; 2 · (48 + 60) + 40 = 256
+    assert active_params(moe_config(num_experts=0)) == 256
+
+
+def test_step_flops_follow_2_2_6_per_parameter_and_token():
+    # 10 active parameters, 3 tokens: a forward pass is 2·10·3 = 60 FLOPs
+    assert step_flops(10, 3) == {"generate": 60.0, "old_logp": 60.0, "update": 180.0, "step": 300.0}
+
+
+def test_matmul_shapes_use_minibatch_tokens_and_tokens_per_expert():
+    # 8 sequences in 2 mini-batches of 4, 5 tokens each: 20 rows; top-2 of 4 experts: 10 rows per expert
+    assert matmul_shapes(8, 5, moe_config(), 2) == [(20, 4, 4), (20, 4, 10), (10, 4, 3)]
+
+
+def test_summarize_metrics_adds_the_timed_steps_only():
+    lines = [
+        {"step": 0, "time/step_s": 2.0, "time/generate_s": 1.0, "time/reward_s": 0.1, "time/old_logp_s": 0.3,
+         "time/update_s": 0.6, "throughput/tokens_per_s": 50.0, "eval/accuracy": 0.0},
+        {"step": 1, "time/step_s": 4.0, "time/generate_s": 2.0, "time/reward_s": 0.2, "time/old_logp_s": 0.6,
+         "time/update_s": 1.2, "throughput/tokens_per_s": 25.0},
+        {"step": 2, "eval/accuracy": 0.5},  # the final evaluation: not a timed step
+    ]
+    summary = summarize_metrics(lines, rollout_size=16)
+    # 2 s · 50 tokens/s + 4 s · 25 tokens/s = 200 tokens; 2 steps of 16 completions
+    assert summary["response_tokens"] == 200 and summary["completions"] == 32 and summary["steps"] == 2
+    assert summary["timed_s"] == pytest.approx(6.0)
+    assert summary["phases"] == pytest.approx({"generate_s": 3.0, "reward_s": 0.3, "old_logp_s": 0.9, "update_s": 1.8})
+
+
+def test_pair_ratios_divide_tokens_per_second_within_each_pair():
+    runs = [{"pair": 0, "framework": "gspo", "tokens_per_s": 300.0}, {"pair": 0, "framework": "trl", "tokens_per_s": 100.0},
+            {"pair": 1, "framework": "trl", "tokens_per_s": 120.0}, {"pair": 1, "framework": "gspo", "tokens_per_s": 240.0},
+            {"pair": 2, "framework": "gspo", "tokens_per_s": 999.0}]  # no trl run: no ratio
+    assert [(r["pair"], r["ratio"]) for r in pair_ratios(runs)] == [(0, 3.0), (1, 2.0)]
+
+
+def test_padded_tokenizer_encodes_text_as_before_and_keeps_cache_keys(tmp_path):
+    plain, padded = build_char_tokenizer(), build_char_tokenizer(1024)
+    assert len(plain) == 99 and len(padded) == 1024  # 3 specials + 96 characters, then reserved tokens
+    assert padded("12+34=")["input_ids"] == plain("12+34=")["input_ids"]
+    # The default spec hashes as it did before `vocab_size` existed (the hash of its ten older
+    # fields, seed 0, tokenizer version 1), so warm starts cached by earlier versions stay valid.
+    assert built_model_dir(ModelConfig(name="probe", build=TinyModelSpec()), tmp_path).name == "probe-88f03c322d2c"
+
+
+def check_result(result: dict, frameworks: list[str]) -> None:
+    for key in ["date", "command", "machine", "versions", "workload", "model", "flops_formula", "matmul", "runs",
+                "pairs", "median_ratio"]:
+        assert key in result, key
+    assert [run["framework"] for run in result["runs"]] == frameworks
+    assert result["matmul"]["best_flops_per_s"] > 0
+    assert result["source_changed_during_run"] is False and len(result["versions"]["gspo_source_digests"]) == 1
+    for run in result["runs"]:
+        for key in RUN_FIELDS:
+            assert key in run, (run["framework"], key)
+        assert set(PHASES) <= set(run["phases"])
+        # 4 prompts × 2 responses of at most 4 tokens; the 1,024-token vocabulary rarely ends one early
+        assert run["completions"] == 8 and 8 <= run["response_tokens"] <= 32
+        assert 0 < sum(run["phases"].values()) <= run["timed_s"] * 1.001
+        assert math.isclose(run["tokens_per_s"], run["response_tokens"] / run["timed_s"])
+        assert 0 < run["utilisation"]["update"] and run["peak_rss_mib"] > 0
+
+
+def test_project_only_run_writes_the_result_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("GSPO_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "result.json"
+    main(TINY + ["--pairs", "1", "--skip-trl", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    result = json.loads(out.read_text())
+    check_result(result, ["gspo"])
+    assert result["pairs"] == [] and result["median_ratio"] is None
+    assert result["model"]["active_params"] < result["model"]["total_params"]  # top-2 of 4 experts
+
+
+def test_a_pair_with_trl_reports_its_ratio_and_both_versions(tmp_path):
+    pytest.importorskip("trl")
+    out = tmp_path / "result.json"
+    main(TINY + ["--pairs", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    result = json.loads(out.read_text())
+    check_result(result, ["gspo", "trl"])
+    (pair,) = result["pairs"]
+    assert pair["ratio"] == pytest.approx(pair["gspo_tokens_per_s"] / pair["trl_tokens_per_s"])
+    assert result["median_ratio"] == pair["ratio"]
+    assert result["versions"]["trl"] and result["versions"]["gspo-cli"]
