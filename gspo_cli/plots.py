@@ -1,4 +1,8 @@
-"""Plots of training curves, made from the `metrics.jsonl` files of run directories."""
+"""Plots of training curves, made from the `metrics.jsonl` files of run directories.
+
+`plot_runs` draws runs side by side (`gspo plot`); `plot_groups` draws a sweep's groups of
+seeds as a mean line with a min–max band (`gspo report`).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,21 @@ LOG_SCALE = {"clip/fraction"}  # GSPO and GRPO clip rates differ by orders of ma
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of a run's `metrics.jsonl`, in order."""
+    """The records of a run's `metrics.jsonl`, in order.
+
+    A last line cut short (a job killed while writing it) is dropped; a broken line
+    anywhere else is an error.
+    """
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}:{i + 1}: not a JSON record: {line[:80]!r}") from None
+    return records
 
 
 def run_label(run_dir: Path, records: list[dict]) -> str:
@@ -48,6 +64,69 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, metrics: tuple[str, .
         if name in LOG_SCALE:
             ax.set_yscale("symlog", linthresh=1e-4)  # log scale that also shows steps with 0
     axes[0][0].legend()
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------------------- sweeps: mean and band over seeds
+
+
+def mean_band(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Mean, min and max over runs at each step any of them logged.
+
+    Args:
+        curves: One list of (step, value) per run (e.g. one per seed); steps may differ
+            where a run stopped early, and then only the runs that reached a step count there.
+
+    Returns:
+        (steps, mean, low, high), each of length S (the distinct steps, ascending).
+    """
+    by_step: dict[int, list[float]] = {}
+    for curve in curves:
+        for step, value in curve:
+            by_step.setdefault(step, []).append(value)
+    steps = sorted(by_step)
+    return (steps, [sum(by_step[s]) / len(by_step[s]) for s in steps],
+            [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps])
+
+
+def plot_groups(groups: dict[str, list[list[dict]]], metrics: tuple[str, ...], out: str | Path,
+                title: str = "") -> Path:
+    """One panel per metric, one line per group (mean over its runs) with a min–max band.
+
+    Args:
+        groups: Label (e.g. the algorithm) to the metric records of each of its runs.
+        metrics: Metric names, one panel each; those in `LOG_SCALE` get a log y axis.
+        out: PNG file to write.
+        title: Figure title (e.g. the sweep name and the number of seeds).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], metrics):
+        for label, runs in groups.items():
+            curves = [[(r["step"], r[name]) for r in records if name in r] for records in runs]
+            steps, mean, low, high = mean_band([c for c in curves if c])
+            if not steps:
+                continue
+            line, = ax.plot(steps, mean, label=f"{label} (n={len(runs)})",
+                            marker="o" if name.startswith("eval/") else None, markersize=3)
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if name in LOG_SCALE:
+            ax.set_yscale("symlog", linthresh=1e-4)  # log scale that also shows steps with 0
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

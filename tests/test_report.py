@@ -1,0 +1,156 @@
+"""Sweep reports from hand-made run directories: summaries, the grid, an interrupted sweep."""
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from rich.console import Console
+
+from gspo_cli.plots import mean_band
+from gspo_cli.report import build_report, grid, record_job, steps_to_target, summarize_records
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_steps_to_target_is_the_first_crossing():
+    points = [(0, 0.4), (10, 0.62), (20, 0.55), (30, 0.7)]
+    assert steps_to_target(points, 0.6) == 10  # reached at 10, lost at 20: still 10
+    assert steps_to_target(points, 0.4) == 0
+    assert steps_to_target(points, 0.71) is None
+
+
+def test_summarize_records_of_a_finished_and_an_unfinished_run():
+    records = [
+        {"step": 0, "eval/accuracy": 0.5, "clip/fraction": 0.001},
+        {"step": 1, "eval/accuracy": 0.7, "clip/fraction": 0.003},
+        {"step": 2, "eval/accuracy": 0.6},  # the final evaluation
+    ]
+    s = summarize_records(records, max_steps=2, target=0.65)
+    assert s["finished"] and s["final_accuracy"] == 0.6
+    assert (s["best_accuracy"], s["best_step"]) == (0.7, 1)
+    assert s["mean_clip_fraction"] == pytest.approx(0.002)  # (0.001 + 0.003) / 2
+    assert s["steps_to_target"] == 1
+    cut = summarize_records(records[:2], max_steps=2, target=0.65)
+    assert not cut["finished"] and cut["final_accuracy"] is None and cut["last_step"] == 1
+
+
+def test_grid_expands_like_hydras_basic_sweeper_and_the_command_line_narrows_it():
+    params = {"model": "tiny-qwen3-moe", "algo": "gspo,grpo", "seed": "0,1,2"}
+    swept, jobs = grid(params, [])
+    assert swept == {"algo", "seed"} and len(jobs) == 6  # 2 algorithms x 3 seeds
+    assert jobs[0] == ["model=tiny-qwen3-moe", "algo=gspo", "seed=0"]
+    assert jobs[3] == ["model=tiny-qwen3-moe", "algo=grpo", "seed=0"]
+    swept, jobs = grid(params, ["seed=0", "trainer.lr=1e-3,1e-4"])
+    assert swept == {"algo", "trainer.lr"} and len(jobs) == 4  # seed fixed, lr swept
+    # Hydra writes swept floats in its own form, as it does in each job's overrides.yaml
+    assert jobs[1] == ["model=tiny-qwen3-moe", "algo=gspo", "seed=0", "trainer.lr=0.0001"]
+
+
+def test_mean_band_over_runs_of_unequal_length():
+    steps, mean, low, high = mean_band([[(0, 0.2), (1, 0.4)], [(0, 0.4), (1, 0.8)], [(0, 0.6)]])
+    assert steps == [0, 1]
+    assert mean == pytest.approx([0.4, 0.6])  # step 1: only the two runs that reached it
+    assert (low, high) == ([0.2, 0.4], [0.6, 0.8])
+
+
+# ---------------------------------------------------------------------------- an interrupted sweep
+
+
+def write_job(sweep: Path, num: int, algo: str, seed: int, records: list[dict], max_steps: int = 2,
+              job_info: dict | None = None) -> None:
+    run = sweep / str(num)
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"algo": {"name": algo}, "seed": seed, "trainer": {"max_steps": max_steps}}),
+                   run / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(["trainer.max_steps=2", f"algo={algo}", f"seed={seed}"]),
+                   run / ".hydra" / "overrides.yaml")
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if job_info is not None:
+        (run / "job.json").write_text(json.dumps(job_info))
+
+
+def make_interrupted_sweep(sweep: Path) -> None:
+    """4 planned jobs (gspo, grpo x seeds 0, 1): 0-2 finished, 3 killed after step 1."""
+    hydra = {"hydra": {"sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                                   "params": {"algo": "gspo,grpo", "seed": "0,1,2"}},
+                       "overrides": {"task": ["trainer.max_steps=2", "seed=0,1"]}}}
+    sweep.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(hydra), sweep / "multirun.yaml")
+
+    def curve(a0, a2, clip):
+        return [{"step": 0, "eval/accuracy": a0, "reward/mean": a0, "clip/fraction": clip},
+                {"step": 1, "reward/mean": a2, "clip/fraction": clip},
+                {"step": 2, "eval/accuracy": a2}]
+
+    write_job(sweep, 0, "gspo", 0, curve(0.5, 0.7, 1e-3), job_info={"status": "finished", "wall_time_s": 12.0})
+    write_job(sweep, 1, "gspo", 1, curve(0.5, 0.5, 3e-3), job_info={"status": "finished", "wall_time_s": 14.0})
+    write_job(sweep, 2, "grpo", 0, curve(0.5, 0.6, 1e-5), job_info={"status": "finished", "wall_time_s": 13.0})
+    write_job(sweep, 3, "grpo", 1, curve(0.5, 0.6, 1e-5)[:2])  # killed: no final evaluation, no job.json
+    with open(sweep / "3" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "eval/acc')  # ... and killed in the middle of writing a line
+
+
+def test_report_of_an_interrupted_sweep_names_what_did_not_finish(tmp_path):
+    sweep = tmp_path / "sweep"
+    make_interrupted_sweep(sweep)
+    out = io.StringIO()
+    summaries = build_report(sweep, target=0.65, console=Console(file=out, width=200))
+
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [(r["job"], r["status"]) for r in rows] == [
+        ("0", "finished"), ("1", "finished"), ("2", "finished"), ("3", "incomplete")]
+    assert [r["overrides"] for r in rows] == ["algo=gspo seed=0", "algo=gspo seed=1",
+                                             "algo=grpo seed=0", "algo=grpo seed=1"]
+    first = rows[0]
+    assert (first["algo"], first["seed"], first["final_accuracy"], first["best_accuracy"]) == ("gspo", "0", "0.7", "0.7")
+    assert first["steps_to_target"] == "2" and rows[1]["steps_to_target"] == ""  # 0.5 never reaches 0.65
+    assert float(first["mean_clip_fraction"]) == pytest.approx(1e-3)
+    assert float(first["wall_time_s"]) == 12.0
+    assert rows[3]["final_accuracy"] == "" and rows[3]["last_step"] == "1"
+    assert summaries[3].wall_time_s is not None  # from file times, as the job never wrote job.json
+
+    text = out.getvalue()
+    assert "not finished: job 3 (algo=grpo seed=1) stopped at step 1 of 2" in text
+    assert "per algorithm" in text and "0.600 (0.500–0.700)" in text  # gspo: final 0.7 and 0.5
+    for png in ("accuracy_reward.png", "clip_fraction.png"):
+        assert (sweep / png).read_bytes()[:8] == PNG
+
+
+def test_report_lists_planned_jobs_that_never_started(tmp_path):
+    sweep = tmp_path / "sweep"
+    make_interrupted_sweep(sweep)
+    # multirun.yaml plans algo=gspo,grpo x seed=0,1 (the command line narrowed seed=0,1,2):
+    # jobs 0-3 all have directories, so nothing is missing
+    out = io.StringIO()
+    build_report(sweep, console=Console(file=out, width=200))
+    assert "not started" not in out.getvalue()
+    # a sweep stopped before job 2 (grpo, seed 0) began leaves no directory for it
+    shutil.rmtree(sweep / "2")
+    out = io.StringIO()
+    summaries = build_report(sweep, console=Console(file=out, width=200))
+    assert [(s.job, s.status, s.overrides) for s in summaries] == [
+        ("0", "finished", "algo=gspo seed=0"), ("1", "finished", "algo=gspo seed=1"),
+        ("2", "not started", "algo=grpo seed=0"), ("3", "incomplete", "algo=grpo seed=1")]
+    assert "not started: job 2 (algo=grpo seed=0)" in out.getvalue()
+
+
+def test_failed_job_is_recorded_with_its_error(tmp_path):
+    with pytest.raises(RuntimeError):
+        with record_job(tmp_path):
+            raise RuntimeError("out of memory\nmore detail")
+    info = json.loads((tmp_path / "job.json").read_text())
+    assert info["status"] == "failed" and info["error"] == "RuntimeError: out of memory"
+    assert info["wall_time_s"] >= 0
+
+
+def test_report_of_a_directory_without_runs_is_a_clear_error(tmp_path, capsys):
+    from gspo_cli.cli import report_command
+
+    with pytest.raises(SystemExit) as exit_info:
+        report_command([str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "holds no run directories" in capsys.readouterr().err

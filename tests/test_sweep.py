@@ -1,0 +1,76 @@
+"""`gspo sweep`: the arguments it hands to Hydra, and a two-job sweep end to end."""
+
+import csv
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from gspo_cli.cli import CONF_DIR, sweep_arguments
+from gspo_cli.config import register_configs
+from gspo_cli.report import DEFAULT_TARGET, grid
+from test_cli import run_gspo
+from test_train import small_overrides
+from wandb_files import read_finished_wandb_log
+
+
+def test_default_grid_is_gspo_and_grpo_with_three_seeds_each():
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["+sweep=default"], return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+    swept, jobs = grid(params, [])
+    assert swept == {"algo", "seed"}
+    assert [(j[1], j[2]) for j in jobs] == [(f"algo={a}", f"seed={s}") for a in ("gspo", "grpo") for s in (0, 1, 2)]
+    assert set(params) == {"model", "algo", "seed"} and params["model"] == "tiny-qwen3-moe"
+
+
+def test_sweep_arguments_add_the_grid_a_directory_and_a_wandb_group():
+    args, sweep_dir, target, report = sweep_arguments(["seed=0,1"], now="2025-01-02_03-04-05")
+    assert args == ["--multirun", "seed=0,1", "+sweep=default",
+                    "hydra.sweep.dir=outputs/sweeps/default-2025-01-02_03-04-05",
+                    "logger.group=default-2025-01-02_03-04-05"]
+    assert (sweep_dir, target, report) == ("outputs/sweeps/default-2025-01-02_03-04-05", DEFAULT_TARGET, True)
+
+
+def test_sweep_arguments_keep_what_the_user_chose():
+    args, sweep_dir, target, _ = sweep_arguments(
+        ["sweep=smoke", "hydra.sweep.dir=/x/abl", "logger.group=mine", "--target", "0.8"], now="t")
+    assert args == ["--multirun", "+sweep=smoke", "hydra.sweep.dir=/x/abl", "logger.group=mine"]
+    assert (sweep_dir, target) == ("/x/abl", 0.8)
+    *_, report = sweep_arguments(["--cfg", "job"], now="t")
+    assert not report  # printing the config runs no job: nothing to report
+
+
+def test_two_job_sweep_writes_runs_a_report_and_one_wandb_group(tmp_path, cache_dir):
+    sweep_dir = tmp_path / "abl"
+    overrides = [o for o in small_overrides(cache_dir) if not o.startswith("algo=")]
+    # The sweep machinery is under test here, not learning: skip the warm start (tens of seconds).
+    result = run_gspo("sweep", *overrides, "model.warm_start.enabled=false", "algo=gspo,grpo", "seed=0",
+                      f"hydra.sweep.dir={sweep_dir}", "--target", "0.0")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    rows = list(csv.DictReader(open(sweep_dir / "summary.csv")))
+    assert [(r["job"], r["algo"], r["seed"], r["status"]) for r in rows] == [
+        ("0", "gspo", "0", "finished"), ("1", "grpo", "0", "finished")]
+    for row in rows:
+        assert row["overrides"] == f"algo={row['algo']}"  # seed=0 is not swept any more
+        assert 0 <= float(row["final_accuracy"]) <= float(row["best_accuracy"]) <= 1
+        assert row["steps_to_target"] == "0"  # target 0: reached at the first evaluation
+        assert float(row["wall_time_s"]) > 0 and row["last_step"] == "2"
+    # GRPO's clip range (0.2) is ~500x GSPO's (3e-4) but GSPO clips whole sequences (§5.1)
+    assert float(rows[0]["mean_clip_fraction"]) >= 0 and float(rows[1]["mean_clip_fraction"]) >= 0
+    for png in ("accuracy_reward.png", "clip_fraction.png"):
+        assert (sweep_dir / png).stat().st_size > 0
+    assert "finished runs per algorithm" in result.stdout
+
+    # one offline W&B run per job, each finished (exit record), all in the group named after the sweep
+    logs = sorted(sweep_dir.rglob("run-*.wandb"))
+    assert [p.relative_to(sweep_dir).parts[0] for p in logs] == ["0", "1"]
+    for log in logs:
+        records = read_finished_wandb_log(log)
+        run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+        assert run.run_group == "abl"
+        exit_record = next(r.exit for r in records if r.WhichOneof("record_type") == "exit")
+        assert exit_record.exit_code == 0
