@@ -1,11 +1,14 @@
-"""`gspo` command line: `gspo train [overrides]`.
+"""`gspo` command line: `gspo train | sweep | eval | report | plot`.
 
-`gspo <command> ARGS` hands ARGS to a Hydra application composed from `conf/<command>.yaml`,
-so every Hydra flag works (`--cfg job`, `--help`, `-m`, `hydra.run.dir=...`).
+`gspo train|eval ARGS` hands ARGS to a Hydra application composed from `conf/<command>.yaml`,
+so every Hydra flag works (`--cfg job`, `--help`, `-m`, `hydra.run.dir=...`). `gspo sweep`
+is `gspo train --multirun` with the grid of `conf/sweep/<name>.yaml`, then `gspo report`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -13,13 +16,16 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from gspo_cli.config import TrainConfig, register_configs
+from gspo_cli.config import EvalConfig, TrainConfig, register_configs
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 USAGE = """usage: gspo <command> [hydra overrides]
 
 commands:
   train    RL training (GSPO, GRPO, ...): gspo train algo=grpo trainer.max_steps=100
+  sweep    grid of training runs + report: gspo sweep algo=gspo,grpo seed=0,1 [--target 0.7]
+  report   summary.csv, table and plots of a sweep: gspo report outputs/sweeps/NAME
+  eval     greedy, mean@k, pass@k, maj@k:  gspo eval checkpoint=[outputs/A,outputs/B] eval.k=8
   plot     curves of finished runs:       gspo plot outputs/A outputs/B --out curves.png
   help     this message
 
@@ -30,12 +36,128 @@ Config groups and their options: gspo train --help
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def train_app(cfg: DictConfig) -> float:
     """Hydra entry point of `gspo train`; returns the final accuracy (for sweepers)."""
-    from gspo_cli.train import train
+    from gspo_cli.report import record_job
+
+    from gspo_cli.launch import run
 
     typed: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    record = train(typed, run_dir)
+    # job.json (record_job): how `gspo report` tells a failed job from a running one
+    with user_errors_in_one_line(), record_job(run_dir):
+        record = run(typed, run_dir)  # in this process, or under torchrun for several
     return float(record.get("eval/accuracy", 0.0))
+
+
+@contextlib.contextmanager
+def user_errors_in_one_line():
+    """Errors in what the user gave (config values, paths, files, imports) end the run with one
+    line and exit status 1; the traceback only with HYDRA_FULL_ERROR=1, as Hydra does."""
+    from gspo_cli.guards import TrainingDiverged
+
+    try:
+        yield
+    except (ValueError, FileNotFoundError, ImportError, OSError, TrainingDiverged) as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"gspo: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
+def eval_app(cfg: DictConfig) -> None:
+    """Hydra entry point of `gspo eval`."""
+    from gspo_cli.evaluate import run_eval
+
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        print("gspo eval: set checkpoint=<dir> (a model directory, a `gspo train` run directory, "
+              "or several as checkpoint=[dir1,dir2])", file=sys.stderr)
+        sys.exit(2)
+    typed: EvalConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    run_eval(typed, Path(HydraConfig.get().runtime.output_dir))
+
+
+INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--version")
+
+
+def sweep_arguments(args: list[str], now: str) -> tuple[list[str], str, float, bool]:
+    """Turn `gspo sweep` arguments into `gspo train --multirun` ones.
+
+    Adds the sweep config (`+sweep=default` unless `sweep=NAME` is given), a sweep
+    directory `outputs/sweeps/<name>-<now>` unless `hydra.sweep.dir` is given, and
+    `logger.group=<sweep directory name>` so all jobs share one W&B group.
+
+    Returns:
+        (Hydra arguments, sweep directory, report target accuracy, whether to report).
+    """
+    from gspo_cli.report import DEFAULT_TARGET
+
+    target, rest, i = DEFAULT_TARGET, [], 0
+    while i < len(args):  # `--target X` / `--target=X` is ours, not Hydra's
+        if args[i].startswith("--target="):
+            target = float(args[i].split("=", 1)[1])
+        elif args[i] == "--target" and i + 1 < len(args):
+            target, i = float(args[i + 1]), i + 1
+        else:
+            rest.append(args[i])
+        i += 1
+    name = "default"
+    for j, arg in enumerate(rest):
+        if arg.lstrip("+").startswith("sweep="):
+            name = arg.split("=", 1)[1]
+            rest[j] = f"+sweep={name}"
+    # Added after the user's arguments: Hydra's parser wants its flags (`--cfg job`) before the overrides.
+    if not any(a.lstrip("+").startswith("sweep=") for a in rest):
+        rest.append(f"+sweep={name}")
+    sweep_dir = next((a.split("=", 1)[1] for a in rest if a.startswith("hydra.sweep.dir=")), None)
+    if sweep_dir is None:
+        sweep_dir = f"outputs/sweeps/{name}-{now}"
+        rest.append(f"hydra.sweep.dir={sweep_dir}")
+    if not any(a.startswith("logger.group=") for a in rest):
+        rest.append(f"logger.group={Path(sweep_dir).name}")
+    report = not any(a.split("=")[0] in INFO_FLAGS for a in rest)  # no jobs run with `--cfg` or `--help`
+    return ["--multirun", *rest] if report else rest, sweep_dir, target, report
+
+
+def sweep_command(args: list[str]) -> None:
+    """`gspo sweep [overrides] [--target ACC]`: a Hydra multirun of `gspo train`, then its report.
+
+    The report is written after the jobs end, also when a job failed or the sweep was
+    interrupted (then it names the jobs that did not finish), and before the error is passed on.
+    """
+    import time
+
+    from gspo_cli.report import build_report
+
+    hydra_args, sweep_dir, target, report = sweep_arguments(args, time.strftime("%Y-%m-%d_%H-%M-%S"))
+    register_configs()
+    sys.argv = ["gspo sweep", *hydra_args]
+    try:
+        train_app()
+    finally:
+        if report and any(Path(sweep_dir).glob("*/.hydra/config.yaml")):
+            try:
+                build_report(sweep_dir, target)
+            except Exception as exc:  # never hide the sweep's own error behind the report's
+                print(f"gspo sweep: the report failed ({type(exc).__name__}: {exc}); "
+                      f"retry with `gspo report {sweep_dir}`", file=sys.stderr)
+
+
+def report_command(args: list[str]) -> None:
+    """`gspo report SWEEP_DIR [--target ACC]`: summary.csv, tables and plots from the runs' files."""
+    import argparse
+
+    from gspo_cli.report import DEFAULT_TARGET, build_report
+
+    parser = argparse.ArgumentParser(prog="gspo report", description=report_command.__doc__)
+    parser.add_argument("sweep_dir", help="directory of a `gspo sweep` (holds one directory per job)")
+    parser.add_argument("--target", type=float, default=DEFAULT_TARGET,
+                        help=f"accuracy for the steps-to-target column (default {DEFAULT_TARGET})")
+    opts = parser.parse_args(args)
+    try:
+        build_report(opts.sweep_dir, opts.target)
+    except FileNotFoundError as exc:
+        print(f"gspo report: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def plot_command(args: list[str]) -> None:
@@ -53,8 +175,8 @@ def plot_command(args: list[str]) -> None:
     print(plot_runs(opts.run_dirs, opts.out, tuple(opts.metrics.split(","))))
 
 
-HYDRA_COMMANDS = {"train": train_app}
-PLAIN_COMMANDS = {"plot": plot_command}
+HYDRA_COMMANDS = {"train": train_app, "eval": eval_app}
+PLAIN_COMMANDS = {"plot": plot_command, "sweep": sweep_command, "report": report_command}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,6 +37,8 @@ class TinyModelSpec:
     """MLP width of each expert."""
     max_position_embeddings: int = 128
     """Longest sequence the rotary embedding is set up for."""
+    vocab_size: int = 0
+    """Pad the character tokenizer with reserved tokens up to this size; 0 keeps the ~100 characters."""
 
 
 @dataclass
@@ -83,33 +85,80 @@ class TaskConfig:
     """Prompts with a verifiable reward."""
 
     name: str = "arithmetic"
-    """Task family; `arithmetic` is generated in memory."""
-    reward: str = "exact_match"
-    """Name of the reward function in `gspo_cli.rewards.REWARDS`."""
+    """Task family; `arithmetic` is generated in memory, every other task reads `path`."""
+    reward: Any = "exact_match"
+    """A name in `gspo_cli.rewards.REWARDS`, `{_target_: pkg.mod.fn}` for your own function,
+    or `{name: weight, ...}` to sum several (README, "Tasks and rewards")."""
     max_operand: int = 99
     """Arithmetic: operands are drawn from [0, max_operand]."""
     operators: str = "+"
     """Arithmetic: operators to draw from, e.g. "+-"."""
     num_eval: int = 256
-    """Held-out prompts, never seen by training."""
+    """Held-out prompts, never seen by training (unused with `eval_path` or `eval_split`)."""
     seed: int = 1234
     """Seed of the train/held-out split (fixed, so runs with different seeds share it)."""
+    path: Optional[str] = None
+    """File tasks: a JSONL/JSON file, a Parquet file or a `save_to_disk` directory."""
+    split: str = "train"
+    """File tasks: the split to train on when `path` is a saved `DatasetDict`."""
+    eval_path: Optional[str] = None
+    """File tasks: a separate evaluation set; unset holds out `num_eval` prompts of `path`."""
+    eval_split: Optional[str] = None
+    """File tasks: evaluate on this split of the saved `DatasetDict` (at `eval_path`, else `path`)."""
+    prompt_key: str = "prompt"
+    """File tasks: the field holding the prompt."""
+    answer_key: str = "answer"
+    """File tasks: the field holding the reference answer."""
+    answer_extract: str = "none"
+    """How the reference is read from the answer field: none, hashes (after `####`), boxed (last `\\boxed{}`)."""
+    template: str = "{prompt}"
+    """Prompt template; `{prompt}` is replaced by the prompt field."""
+    chat_template: bool = False
+    """Wrap each prompt as a user message in the tokenizer's chat template (chat models)."""
+    system_prompt: Optional[str] = None
+    """System message placed before the prompt when `chat_template` is set."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra variables for the chat template, e.g. `{enable_thinking: false}` for Qwen3."""
 
 
 @dataclass
 class AlgoConfig:
-    """The policy loss and its clipping range."""
+    """The policy loss, its aggregation, the advantage estimator and the rollout-batch options."""
 
     name: str = "gspo"
     """Name in the config group (for run names and reports)."""
     loss: str = "gspo"
     """Key of the loss in `gspo_cli.losses.LOSSES`."""
     clip_low: float = 3e-4
-    """Lower clip range: ratios below 1 - clip_low are clipped."""
+    """Lower clip range: ratios below 1 - clip_low are clipped (gmpo: in log space)."""
     clip_high: float = 4e-4
-    """Upper clip range: ratios above 1 + clip_high are clipped."""
+    """Upper clip range: ratios above 1 + clip_high are clipped (gmpo: in log space)."""
     params: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments passed to the loss function."""
+    """Extra keyword arguments passed to the loss function (e.g. sapo's tau_pos, tau_neg)."""
+    loss_agg: str = "seq-mean-token-mean"
+    """token-mean, seq-mean-token-mean, seq-mean-token-sum or seq-mean-token-sum-norm."""
+    adv_baseline: str = "group-mean"
+    """group-mean (GRPO) or rloo (leave-one-out mean of the other responses)."""
+    adv_scale: str = "group-std"
+    """Divide advantages by the group-std, the batch-std, or none."""
+    kl_coef: float = 0.0
+    """Weight of the KL penalty to a frozen copy of the initial policy; 0 loads no reference."""
+    kl_estimator: str = "k3"
+    """Estimator of that KL: k1, k2 or k3."""
+    old_logp: str = "recompute"
+    """π_old from a forward pass of the rollout policy (recompute) or from the sampler (rollout)."""
+    tis_cap: Optional[float] = None
+    """Truncated importance-sampling correction for the sampler/trainer gap (recompute only); unset: off."""
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards are all equal and refill the batch from new prompts (DAPO)."""
+    max_refill_rounds: int = 4
+    """Extra rollout batches dynamic sampling may draw per step before it gives up, with a warning."""
+    overlong_buffer: float = 0.0
+    """DAPO's soft overlong penalty: its interval as a share of max_new_tokens; 0 turns it off."""
+    overlong_penalty: float = 1.0
+    """Penalty added to the reward (negated) of a response that reaches max_new_tokens."""
+    routing_replay: bool = False
+    """MoE only: compute π_θ with the experts π_old chose in every layer (GRPO's Routing Replay)."""
 
 
 @dataclass
@@ -142,6 +191,12 @@ class TrainerConfig:
     """Completions logged as a table at each evaluation."""
     save_final: bool = True
     """Write the trained model to `checkpoints/final/` in the run directory."""
+    save_every: int = 0
+    """Save a resumable checkpoint every this many steps (0: only on SIGTERM/SIGINT and faults)."""
+    keep_last: int = 2
+    """Resumable checkpoints kept; older ones are deleted."""
+    max_bad_steps: int = 3
+    """Stop after this many steps in a row whose every update was skipped as non-finite."""
 
 
 @dataclass
@@ -157,7 +212,13 @@ class HardwareConfig:
     nnodes: int = 1
     """Nodes (torchrun)."""
     num_threads: int = 0
-    """CPU threads for torch; 0 keeps torch's default."""
+    """CPU threads for torch (per process); 0 keeps torch's default."""
+    strategy: str = "ddp"
+    """Data parallelism with several processes: ddp, or fsdp (FSDP2 `fully_shard`)."""
+    rdzv_endpoint: Optional[str] = None
+    """host:port of torchrun's c10d rendezvous for several nodes; unset on one node."""
+    rdzv_id: str = "gspo"
+    """Job id shared by the nodes of one run (torchrun --rdzv_id)."""
 
 
 @dataclass
@@ -194,6 +255,8 @@ class TrainConfig:
     """Seeds Python, NumPy and torch (sampling, initialisation, data order)."""
     cache_dir: str = "~/.cache/gspo"
     """Where built models and warm starts are cached between runs."""
+    resume: Optional[str] = None
+    """`auto`: continue from the latest complete checkpoint in the run directory (if any)."""
     run_name: Optional[str] = None
     """Name of the run on W&B; defaults to `<algo>-<model>-s<seed>`."""
 
@@ -202,3 +265,40 @@ def register_configs() -> None:
     """Register the schema so that `conf/train.yaml` can extend it (`- train_schema`)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalConfig)  # `conf/eval.yaml`
+
+
+@dataclass
+class EvalSamplingConfig:
+    """How `gspo eval` samples and scores: greedy once, then n samples per problem."""
+
+    k: int = 8
+    """k of mean@k, pass@k and maj@k."""
+    n: Optional[int] = None
+    """Samples drawn per problem (n ≥ k); more lowers the variance of pass@k; unset means k."""
+    temperature: float = 1.0
+    """Sampling temperature of the n samples (greedy accuracy is always at temperature 0)."""
+    max_new_tokens: int = 8
+    """Longest response (the training default, so checkpoints are scored as they were trained)."""
+    batch_size: int = 512
+    """Sequences generated per forward batch."""
+    dtype: str = "float32"
+    """Parameter dtype when loading: float32, bfloat16 or float16."""
+    trust_remote_code: bool = False
+    """Passed to `from_pretrained` for checkpoints that ship their own modelling code."""
+    samples_logged: int = 8
+    """Example completions per checkpoint written to samples.jsonl and W&B."""
+
+
+@dataclass
+class EvalConfig:
+    """Root of the `gspo eval` configuration."""
+
+    checkpoint: Any = "???"
+    """A Hugging Face causal-LM directory or hub id, a `gspo train` run directory, or a list `[a,b]`."""
+    eval: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    """Seeds the sampling."""

@@ -70,6 +70,18 @@ def resolve_wandb_mode(cfg_mode: Optional[str], env: Mapping[str, str],
     return "offline"
 
 
+def drop_records_from(path: Path, step: int) -> None:
+    """Remove the JSON lines whose "step" is `step` or later (and a torn last line)."""
+    if step <= 0 or not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            if json.loads(line).get("step", 0) < step:
+                kept.append(line + "\n")
+    path.write_text("".join(kept))
+
+
 class RunLogger:
     """Send each step's metrics to `metrics.jsonl`, W&B and the console.
 
@@ -81,6 +93,7 @@ class RunLogger:
     def __init__(self, run_dir: str | Path, logger_cfg: LoggerConfig, config: dict,
                  run_name: str, total_steps: int, enabled: bool = True,
                  key_metrics: Sequence[str] = ("reward/mean", "clip/fraction", "eval/accuracy"),
+                 job_type: Optional[str] = None, resume_id: Optional[str] = None, start_step: int = 0,
                  ) -> None:
         """Open the log files, start W&B if configured and start the console display.
 
@@ -92,6 +105,11 @@ class RunLogger:
             total_steps: Number of RL steps, for the progress bar and the ETA.
             enabled: False on non-zero distributed ranks: then every method does nothing.
             key_metrics: Metrics shown on the console (last logged value of each).
+            job_type: W&B job type ("eval" for `gspo eval`); None leaves W&B's default.
+            resume_id: W&B run id to continue (a resumed run); None starts a new run.
+            start_step: First step this process logs; records of later steps left by an
+                interrupted process are dropped from the local logs, so that they read as
+                one uninterrupted run.
         """
         self.enabled = enabled
         self.wandb_run: Any = None
@@ -104,14 +122,17 @@ class RunLogger:
         self.run_dir = Path(run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.cfg, self.total_steps, self.key_metrics = logger_cfg, total_steps, tuple(key_metrics)
+        self.job_type = job_type
         self._latest: dict[str, float] = {}
         self._started = time.monotonic()
         self._first: Optional[tuple[int, float]] = None  # (step, time) of the first log
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            drop_records_from(self.run_dir / name, start_step)
         # Line-buffered: each line reaches the OS whole, so a killed run leaves complete lines.
         self._metrics_file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         self._samples_file = None  # opened on first use: most runs log few samples
         if logger_cfg.wandb:
-            self._init_wandb(config, run_name)
+            self._init_wandb(config, run_name, resume_id)
         # W&B is set up first so that its own start-up messages print before the bar.
         if Console().is_terminal:
             # Metrics take the remaining width and are cut with an ellipsis: otherwise rich
@@ -127,15 +148,21 @@ class RunLogger:
             self._task = self._progress.add_task(run_name, total=total_steps, metrics="")
             self._progress.start()
 
-    def _init_wandb(self, config: dict, run_name: str) -> None:
+    @property
+    def wandb_id(self) -> Optional[str]:
+        """Id of the W&B run (saved in checkpoints so a resumed run continues it)."""
+        return None if self.wandb_run is None else self.wandb_run.id
+
+    def _init_wandb(self, config: dict, run_name: str, resume_id: Optional[str] = None) -> None:
         mode = resolve_wandb_mode(self.cfg.mode, os.environ, default_netrc_path(os.environ))
         if mode == "disabled":
             return  # no dummy run object: `wandb_run is None` then means "no W&B" everywhere
         try:
             self.wandb_run = wandb.init(
                 project=self.cfg.project, entity=self.cfg.entity, group=self.cfg.group,
-                name=run_name, tags=list(self.cfg.tags) or None, config=config,
+                name=run_name, job_type=self.job_type, tags=list(self.cfg.tags) or None, config=config,
                 dir=str(self.run_dir), mode=mode, settings=wandb.Settings(**WANDB_TIMEOUTS),
+                id=resume_id, resume="allow" if resume_id else None,
             )
             # `<sync dir>/files`; the run's `run-<id>.wandb` log lies in its parent.
             self.wandb_dir = Path(self.wandb_run.dir)

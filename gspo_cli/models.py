@@ -43,12 +43,21 @@ TOKENIZER_VERSION = 1  # bump when the built tokenizer changes, to invalidate ca
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_char_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer: one token per printable ASCII character plus specials."""
+def build_char_tokenizer(vocab_size: int = 0) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer: one token per printable ASCII character plus specials.
+
+    Args:
+        vocab_size: pad the vocabulary with `<|reserved_i|>` tokens up to this size (0: no
+            padding). Text never encodes to them, but a random model samples them: with about
+            a thousand tokens its end-of-sequence token is rarely drawn, so its responses run
+            to full length (the throughput benchmark's workload, `model=bench-qwen3-moe`).
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     specials = [EOS_TOKEN, PAD_TOKEN, UNK_TOKEN]
-    vocab = {token: i for i, token in enumerate(specials + CHARSET)}
+    tokens = specials + CHARSET
+    tokens += [f"<|reserved_{i}|>" for i in range(max(0, vocab_size - len(tokens)))]
+    vocab = {token: i for i, token in enumerate(tokens)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()  # characters join without separators
@@ -123,12 +132,15 @@ def built_model_dir(cfg: ModelConfig, cache_dir: Path) -> Path:
     """Directory of the built (untrained) tiny model, created on first use."""
     assert cfg.build is not None
     seed = cfg.warm_start.seed
-    target = cache_dir / "models" / f"{cfg.name}-{config_hash(cfg.build, seed, TOKENIZER_VERSION)}"
+    spec = dataclasses.asdict(cfg.build)
+    if spec["vocab_size"] == 0:  # added later: left out at its default, so older caches stay valid
+        del spec["vocab_size"]
+    target = cache_dir / "models" / f"{cfg.name}-{config_hash(spec, seed, TOKENIZER_VERSION)}"
     if (target / "config.json").exists():
         return target
 
     def write(tmp: Path) -> None:
-        tokenizer = build_char_tokenizer()
+        tokenizer = build_char_tokenizer(cfg.build.vocab_size)
         build_tiny_model(cfg.build, tokenizer, seed).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,8 @@ class Rollout(NamedTuple):
     attention_mask: torch.Tensor  # [N, P + T] 1 on real tokens
     response_mask: torch.Tensor  # [N, T] float, 1 on response tokens (end-of-sequence included)
     completions: list[str]  # N decoded responses, without the end-of-sequence token
+    logp: Optional[torch.Tensor] = None  # [N, T] the sampler's log-probabilities of the sampled tokens
+    entropy: Optional[torch.Tensor] = None  # [N, T] the sampler's entropy at each response position
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,31 +67,66 @@ def sample(
         (response_ids [N, T], response_mask [N, T] float) with T ≤ max_new_tokens; the
         end-of-sequence token is part of the response, padding after it is masked.
     """
+    response_ids, response_mask, _, _ = sample_with_logprobs(
+        model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, temperature, generator)
+    return response_ids, response_mask
+
+
+@torch.no_grad()
+def sample_with_logprobs(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    still_running: Callable[[bool], bool] = bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sample`, also returning what the sampler saw: the log-probability of each sampled
+    token and the entropy of the distribution it was drawn from (both under `temperature`;
+    greedy decoding reports the untempered distribution).
+
+    These are π_old as an inference engine reports it (`algo.old_logp=rollout`), which the
+    trainer's recomputed log-probabilities can be compared with.
+
+    `still_running(any_alive)` decides whether to continue; under FSDP every rank must run
+    the same number of forward passes, so the trainer passes a function that asks all ranks.
+
+    Returns:
+        (response_ids [N, T], response_mask [N, T], logp [N, T], entropy [N, T]); logp and
+        entropy hold values at masked positions too, to be ignored.
+    """
     cache = {_cache_kwarg(type(model)): DynamicCache()}
     attention_mask = prompt_mask
     positions = positions_from_mask(prompt_mask)
     out = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions,
                 use_cache=True, **cache, logits_to_keep=1)
     finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
-    tokens, alive = [], []
+    tokens, alive, token_logps, entropies = [], [], [], []
     for _ in range(max_new_tokens):
         logits = out.logits[:, -1].float()
+        log_probs = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
             next_token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
             next_token = logits.argmax(dim=-1)
+        token_logps.append(log_probs.gather(1, next_token[:, None]).squeeze(1))
+        entropies.append(-(log_probs.exp() * log_probs).sum(-1))
         next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
         tokens.append(next_token)
         alive.append(~finished)
         finished = finished | (next_token == eos_token_id)
-        if bool(finished.all()):
+        if not still_running(not bool(finished.all())):
             break
         attention_mask = torch.cat([attention_mask, (~finished).long()[:, None]], dim=1)
         positions = positions[:, -1:] + 1
         out = model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=positions,
                     use_cache=True, **cache)
-    return torch.stack(tokens, dim=1), torch.stack(alive, dim=1).float()
+    return (torch.stack(tokens, dim=1), torch.stack(alive, dim=1).float(),
+            torch.stack(token_logps, dim=1), torch.stack(entropies, dim=1))
 
 
 def decode_responses(tokenizer: PreTrainedTokenizerBase, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
@@ -107,20 +144,23 @@ def generate_rollout(
     max_new_tokens: int,
     temperature: float,
     generator: Optional[torch.Generator] = None,
+    still_running: Callable[[bool], bool] = bool,
 ) -> Rollout:
     """Sample one response per prompt (repeat prompts G times for groups) and decode them."""
     device = str(next(model.parameters()).device)
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
-    response_ids, response_mask = sample(
+    response_ids, response_mask, logp, entropy = sample_with_logprobs(
         model, prompt_ids, prompt_mask, max_new_tokens,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        temperature=temperature, generator=generator,
+        temperature=temperature, generator=generator, still_running=still_running,
     )
     return Rollout(
         input_ids=torch.cat([prompt_ids, response_ids], dim=1),
         attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
         response_mask=response_mask,
         completions=decode_responses(tokenizer, response_ids, response_mask),
+        logp=logp,
+        entropy=entropy,
     )
 
 

@@ -1,35 +1,39 @@
-"""The RL training loop: rollout → reward → advantages → mini-batch updates → metrics → eval → save."""
+"""The RL training loop: rollout → reward → advantages → mini-batch updates → metrics → eval → save.
+
+`train(cfg, run_dir)` runs in one process or on every rank of a torchrun job. The loop
+itself is `run_loop`; what each step does is in `steps.py`.
+"""
 
 from __future__ import annotations
 
 import random
+import signal
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from gspo_cli.advantages import group_normalized_advantages
-from gspo_cli.config import TrainConfig
+from gspo_cli.advantages import BASELINES, SCALES
+from gspo_cli.aggregation import AGGREGATIONS, aggregation_warning
+from gspo_cli.checkpoint import (is_sharded, latest_checkpoint, load_sharded_model, load_trainer_state, rng_state,
+                                 save_checkpoint, save_sharded_checkpoint, set_rng_state)
+from gspo_cli.config import AlgoConfig, TrainConfig
+from gspo_cli.dist import DistEnv, autocast, barrier, init_distributed, shutdown, unwrap, wrap_model
 from gspo_cli.evaluate import greedy_eval
+from gspo_cli.guards import BadStepCounter, CollapseMonitor, TrainingDiverged
+from gspo_cli.kl import KL_ESTIMATORS
 from gspo_cli.logs import RunLogger
-from gspo_cli.losses import LOSSES, masked_mean
+from gspo_cli.losses import LOSSES
 from gspo_cli.models import load_model, load_tokenizer
-from gspo_cli.rollout import Rollout, generate_rollout, response_logprobs
+from gspo_cli.moe import MoERouting, is_moe
+from gspo_cli.steps import StepContext, collect_rollout, mean_over_ranks, rollout_metrics, update_policy
 from gspo_cli.tasks import PromptStream, Task, build_task
 from gspo_cli.warmstart import warm_started_dir
-
-
-class Batch(NamedTuple):
-    """A scored rollout batch ready for the policy update (N = prompts × G)."""
-
-    rollout: Rollout
-    rewards: torch.Tensor  # [N]
-    advantages: torch.Tensor  # [N]
-    old_logp: torch.Tensor  # [N, T] log π_old of the sampled tokens
-    entropy: torch.Tensor  # [N, T] entropy of π_old at each response position
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -47,132 +51,237 @@ def resolve_model_path(cfg: TrainConfig, task: Task, log) -> str:
                                     cfg.trainer.max_new_tokens, task, log))
     if cfg.model.path is None:
         raise ValueError("set model.path to a Hugging Face hub id or a local directory")
+    if cfg.model.path.startswith((".", "/", "~")) and not Path(cfg.model.path).expanduser().exists():
+        raise ValueError(f"model.path={cfg.model.path}: no such directory")
     return cfg.model.path
 
 
-# ---------------------------------------------------------------------------- steps
+def check_config(cfg: TrainConfig, env: DistEnv) -> None:
+    """Fail before any work on options that name none of their choices or do not fit together."""
+    algo, tc = cfg.algo, cfg.trainer
+    choices = {"loss": list(LOSSES), "loss_agg": AGGREGATIONS, "adv_baseline": BASELINES, "adv_scale": SCALES,
+               "kl_estimator": KL_ESTIMATORS, "old_logp": ("recompute", "rollout")}
+    for key, valid in choices.items():
+        if getattr(algo, key) not in valid:
+            raise ValueError(f"algo.{key}={getattr(algo, key)!r} is not one of {sorted(valid)}")
+    if algo.tis_cap is not None and algo.old_logp != "recompute":
+        raise ValueError("algo.tis_cap corrects π_old recomputed by the trainer for the sampler's "
+                         "numbers: it needs algo.old_logp=recompute")
+    if algo.routing_replay and algo.old_logp != "recompute":
+        raise ValueError("algo.routing_replay replays the experts of the π_old forward pass: "
+                         "it needs algo.old_logp=recompute")
+    if tc.prompts_per_step % env.world_size:
+        raise ValueError(f"trainer.prompts_per_step={tc.prompts_per_step} does not split across {env.world_size} ranks")
+    if (tc.prompts_per_step // env.world_size * tc.group_size) % tc.num_minibatches:
+        raise ValueError(f"the rollout batch ({tc.prompts_per_step} prompts × {tc.group_size} responses"
+                         f"{f' / {env.world_size} ranks' if env.distributed else ''}) does not split into "
+                         f"trainer.num_minibatches={tc.num_minibatches} mini-batches")
+    if cfg.hardware.precision not in ("fp32", "bf16"):
+        raise ValueError(f"hardware.precision={cfg.hardware.precision!r} is not one of ['bf16', 'fp32']")
+    if cfg.hardware.strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"hardware.strategy={cfg.hardware.strategy!r} is not one of ['ddp', 'fsdp']")
+    if algo.dynamic_sampling and env.distributed:
+        raise ValueError("algo.dynamic_sampling refills batches per rank; it runs in one process only for now")
 
 
-def collect_rollout(policy, tokenizer, task: Task, stream: PromptStream, cfg: TrainConfig,
-                    generator: torch.Generator) -> tuple[Batch, dict[str, float]]:
-    """Sample G responses per prompt, score them, and compute advantages and π_old."""
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds besides the model weights."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    stream: PromptStream
+    generator: torch.Generator
+    step: int = 0  # completed RL steps
+
+    def to_dict(self, wandb_id: Optional[str]) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "stream": self.stream.state(), "rng": rng_state(self.generator), "wandb_id": wandb_id}
+
+
+# ---------------------------------------------------------------------------- set-up
+
+
+def setup(cfg: TrainConfig, run_dir: Path, env: DistEnv, log) -> tuple[Any, Any, Task, TrainState, dict]:
+    """Load task, model (from a checkpoint when resuming), optimizer and stream."""
     tc = cfg.trainer
-    problems = stream.next_batch(tc.prompts_per_step)
-    prompts = [p.prompt for p in problems for _ in range(tc.group_size)]  # groups contiguous
-    answers = [p.answer for p in problems for _ in range(tc.group_size)]
-    timings = {}
-
-    start = time.perf_counter()
-    policy.eval()
-    rollout = generate_rollout(policy, tokenizer, prompts, tc.max_new_tokens, tc.temperature, generator)
-    timings["time/generate_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    rewards = torch.tensor([task.reward(c, a) for c, a in zip(rollout.completions, answers)])
-    advantages = group_normalized_advantages(rewards, tc.group_size)
-    timings["time/reward_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    with torch.no_grad():
-        old_logp, entropy = response_logprobs(policy, rollout.input_ids, rollout.attention_mask,
-                                              rollout.response_mask.shape[1], tc.temperature, with_entropy=True)
-    timings["time/old_logp_s"] = time.perf_counter() - start
-    policy.train()
-    return Batch(rollout, rewards, advantages, old_logp, entropy), timings
-
-
-def update_policy(policy, optimizer, scheduler, batch: Batch, cfg: TrainConfig,
-                  generator: torch.Generator) -> dict[str, float]:
-    """Split the batch into mini-batches, one optimizer step each; average their metrics."""
-    rollout, num_seqs = batch.rollout, batch.rewards.numel()
-    order = torch.randperm(num_seqs, generator=generator)
-    sums: dict[str, float] = {}
-    for indices in order.chunk(cfg.trainer.num_minibatches):
-        mask = rollout.response_mask[indices]
-        logp, _ = response_logprobs(policy, rollout.input_ids[indices], rollout.attention_mask[indices],
-                                    mask.shape[1], cfg.trainer.temperature)
-        loss, metrics = LOSSES[cfg.algo.loss](
-            logp, batch.old_logp[indices], batch.advantages[indices], mask,
-            clip_low=cfg.algo.clip_low, clip_high=cfg.algo.clip_high, **cfg.algo.params)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.trainer.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        metrics = {"loss": loss.detach(), "grad_norm": grad_norm, **metrics}
-        for name, value in metrics.items():
-            sums[name] = sums.get(name, 0.0) + float(value) / cfg.trainer.num_minibatches
-    return sums
+    task = build_task(cfg.task)
+    resume_from = latest_checkpoint(run_dir) if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
+    if cfg.resume and resume_from is None:
+        log(f"resume=auto: no complete checkpoint in {run_dir}/checkpoints, starting from scratch")
+    if env.is_main:  # rank 0 builds and warm-starts the shared cache; the others then find it there
+        resolve_model_path(cfg, task, log)
+    barrier(env)
+    sharded = resume_from is not None and is_sharded(resume_from)
+    start_path = resolve_model_path(cfg, task, log)
+    model_path = str(resume_from / "model") if resume_from and not sharded else start_path
+    policy = load_model(model_path, cfg.model.dtype, env.device, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    task = task.for_tokenizer(tokenizer)  # the chat template, when task.chat_template is set
+    policy = wrap_model(policy, cfg.hardware.strategy, env, cfg.hardware.precision)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / tc.warmup_steps) if tc.warmup_steps else 1.0)
+    state = TrainState(optimizer, scheduler, PromptStream(task.train, cfg.seed), seed_everything(cfg.seed + env.rank))
+    saved: dict = {}
+    if resume_from:
+        saved = load_trainer_state(resume_from)
+        if sharded:  # model and optimizer resharded onto this run's ranks by DCP
+            load_sharded_model(policy, resume_from, optimizer)
+        else:
+            optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state.stream.load_state(saved["stream"])
+        set_rng_state(saved["rng"], state.generator)
+        state.step = saved["step"]
+        log(f"resumed from {resume_from} at step {state.step}")
+    return policy, tokenizer, task, state, saved
 
 
-def rollout_metrics(batch: Batch) -> dict[str, float]:
-    """Reward, length and entropy statistics of a rollout batch."""
-    mask = batch.rollout.response_mask
-    return {
-        "reward/mean": batch.rewards.mean().item(),
-        "reward/std": batch.rewards.std().item(),
-        "response_length/mean": mask.sum(1).mean().item(),
-        "entropy": masked_mean(batch.entropy, mask).item(),
-    }
+def make_context(cfg: TrainConfig, policy, tokenizer, task: Task, env: DistEnv, state: TrainState) -> StepContext:
+    """Routing hooks for MoE models and the frozen reference model when a KL penalty is set."""
+    model = unwrap(policy)
+    routing = MoERouting(model) if is_moe(model) else None  # raises for MoE layers it cannot hook
+    if cfg.algo.routing_replay and routing is None:
+        raise ValueError(f"algo.routing_replay needs a Mixture-of-Experts model; {cfg.model.name} is dense")
+    ref_model = None
+    if cfg.algo.kl_coef != 0:  # a frozen copy of the starting policy, loaded only when needed
+        start = resolve_model_path(cfg, task, print)
+        ref_model = load_model(start, cfg.model.dtype, env.device, cfg.model.trust_remote_code)
+        ref_model.eval().requires_grad_(False)
+    return StepContext(cfg, task, tokenizer, env, state.generator, routing, ref_model)
+
+
+def install_stop_signals() -> dict[str, bool]:
+    """SIGTERM/SIGINT ask the loop to save and stop after the current step; a second SIGINT aborts."""
+    flag = {"stop": False}
+
+    def request_stop(signum, frame):
+        if flag["stop"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, request_stop)
+    return flag
 
 
 # ---------------------------------------------------------------------------- loop
 
 
 def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
-    """Run GSPO/GRPO training as configured; returns the final metrics record."""
-    if cfg.algo.loss not in LOSSES:
-        raise ValueError(f"algo.loss={cfg.algo.loss!r} is not one of {sorted(LOSSES)}")
-    tc = cfg.trainer
-    if (tc.prompts_per_step * tc.group_size) % tc.num_minibatches:
-        raise ValueError(f"the rollout batch ({tc.prompts_per_step} prompts × {tc.group_size}) "
-                         f"does not split into {tc.num_minibatches} mini-batches")
+    """Run RL training as configured; returns the last metrics record (on every rank)."""
+    run_dir = Path(run_dir)
     if cfg.hardware.num_threads > 0:
         torch.set_num_threads(cfg.hardware.num_threads)
-    generator = seed_everything(cfg.seed)
-    run_name = cfg.run_name or f"{cfg.algo.name}-{cfg.model.name}-s{cfg.seed}"
-    plain_cfg = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    env = init_distributed(cfg.hardware.device)
+    try:
+        check_config(cfg, env)
+        pitfall = aggregation_warning(cfg.algo.loss, cfg.algo.loss_agg)
+        if pitfall:
+            warnings.warn(pitfall, stacklevel=2)
+        resumed = latest_checkpoint(run_dir) if cfg.resume == "auto" else None
+        saved_id = load_trainer_state(resumed).get("wandb_id") if resumed else None
+        start_step = load_trainer_state(resumed)["step"] if resumed else 0
+        run_name = cfg.run_name or f"{cfg.algo.name}-{cfg.model.name}-s{cfg.seed}"
+        plain_cfg = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+        with RunLogger(run_dir, cfg.logger, plain_cfg, run_name, total_steps=cfg.trainer.max_steps,
+                       enabled=env.is_main, resume_id=saved_id, start_step=start_step) as logger:
+            if pitfall:
+                logger.print(f"warning: {pitfall}")
+            policy, tokenizer, task, state, _ = setup(cfg, run_dir, env, logger.print)
+            ctx = make_context(cfg, policy, tokenizer, task, env, state)
+            return run_loop(cfg, run_dir, policy, ctx, state, logger)
+    finally:
+        shutdown(env)
 
-    with RunLogger(run_dir, cfg.logger, plain_cfg, run_name, total_steps=tc.max_steps) as logger:
-        task = build_task(cfg.task)
-        model_path = resolve_model_path(cfg, task, logger.print)
-        policy = load_model(model_path, cfg.model.dtype, cfg.hardware.device, cfg.model.trust_remote_code)
-        tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda i: min(1.0, (i + 1) / tc.warmup_steps) if tc.warmup_steps else 1.0)
-        stream = PromptStream(task.train, cfg.seed)
-        seed_everything(cfg.seed)  # loading may have consumed random numbers
-        record: dict[str, Any] = {}
 
-        for step in range(tc.max_steps + 1):
-            if step % tc.eval_every == 0 or step == tc.max_steps:
-                eval_metrics, samples = greedy_eval(policy, tokenizer, task, task.eval, tc.max_new_tokens)
-                logger.log_samples(step, samples[:tc.eval_samples_logged])
-            else:
-                eval_metrics = {}
-            if step == tc.max_steps:  # the last record holds only the final evaluation
-                record = {**record, **eval_metrics}
-                logger.log(eval_metrics, step)
-                break
-
-            start = time.perf_counter()
-            batch, timings = collect_rollout(policy, tokenizer, task, stream, cfg, generator)
-            update_start = time.perf_counter()
-            update_metrics = update_policy(policy, optimizer, scheduler, batch, cfg, generator)
-            timings["time/update_s"] = time.perf_counter() - update_start
-            timings["time/step_s"] = time.perf_counter() - start
-
-            record = {
-                **rollout_metrics(batch), **update_metrics, **eval_metrics, **timings,
-                "lr": scheduler.get_last_lr()[0],
-                "throughput/tokens_per_s": batch.rollout.response_mask.sum().item() / timings["time/step_s"],
-            }
-            logger.log(record, step)
-
-        if tc.save_final:
-            final_dir = run_dir / "checkpoints" / "final"
-            policy.save_pretrained(final_dir)
-            tokenizer.save_pretrained(final_dir)
-            logger.print(f"saved the trained model to {final_dir}")
+def run_loop(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, state: TrainState,
+             logger: RunLogger) -> dict[str, Any]:
+    """Steps from `state.step` to `trainer.max_steps`, then the final model."""
+    hw = cfg.hardware
+    with autocast(ctx.env.device, hw.precision, hw.strategy, ctx.env.distributed):  # bf16 when asked
+        record = loop_steps(cfg, run_dir, policy, ctx, state, logger)
+    if cfg.trainer.save_final and state.step >= cfg.trainer.max_steps:
+        save_final_model(policy, ctx, run_dir / "checkpoints" / "final", logger)
     return record
+
+
+def save_resumable(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, state: TrainState,
+                   logger: RunLogger) -> None:
+    """A checkpoint to resume from: sharded by every rank under FSDP2, else written by rank 0."""
+    env, keep = ctx.env, cfg.trainer.keep_last
+    if env.distributed and cfg.hardware.strategy == "fsdp":
+        save_sharded_checkpoint(run_dir, state.step, policy, state.optimizer, ctx.tokenizer,
+                                state.to_dict(logger.wandb_id), keep, env.is_main)
+    elif env.is_main:
+        save_checkpoint(run_dir, state.step, unwrap(policy), ctx.tokenizer, state.to_dict(logger.wandb_id), keep)
+
+
+def loop_steps(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, state: TrainState,
+               logger: RunLogger) -> dict[str, Any]:
+    """eval → rollout → update → log → checkpoint, step after step; returns early on a stop signal."""
+    tc, env = cfg.trainer, ctx.env
+    checkpoint = lambda: save_resumable(cfg, run_dir, policy, ctx, state, logger)  # noqa: E731
+    stop = install_stop_signals()
+    bad_steps, collapse = BadStepCounter(tc.max_bad_steps), CollapseMonitor()
+    record: dict[str, Any] = {}
+    for step in range(state.step, tc.max_steps + 1):
+        eval_metrics = {}
+        if step % tc.eval_every == 0 or step == tc.max_steps:
+            eval_metrics, samples = greedy_eval(unwrap(policy), ctx.tokenizer, ctx.task, ctx.task.eval,
+                                                tc.max_new_tokens)
+            logger.log_samples(step, samples[:tc.eval_samples_logged])
+        if step == tc.max_steps:  # the last record holds only the final evaluation
+            record = {**record, **eval_metrics}
+            logger.log(eval_metrics, step)
+            break
+
+        start = time.perf_counter()
+        batch, timings = collect_rollout(policy, ctx, state.stream)          # rollout, reward, advantages, π_old
+        update_start = time.perf_counter()
+        update_metrics = update_policy(policy, state.optimizer, state.scheduler, batch, ctx)  # mini-batch steps
+        timings["time/update_s"] = time.perf_counter() - update_start
+        timings["time/step_s"] = time.perf_counter() - start
+        state.step = step + 1
+
+        record = mean_over_ranks({
+            **rollout_metrics(batch), **update_metrics, **timings,
+            "lr": state.scheduler.get_last_lr()[0],
+            "throughput/tokens_per_s": batch.rollout.response_mask.sum().item() / timings["time/step_s"],
+        }, env)
+        record["throughput/tokens_per_s"] *= env.world_size  # tokens of all ranks
+        record.update(eval_metrics)
+        logger.log(record, step)
+
+        warning = collapse.update(record["reward/mean"], record["entropy"])
+        if warning:
+            logger.print(warning)
+        if bad_steps.update(int(update_metrics["faults/skipped_steps"]), tc.num_minibatches):
+            checkpoint()  # skipped updates left the weights as they were: the last good state
+            raise TrainingDiverged(
+                f"{bad_steps.in_a_row} steps in a row had only non-finite losses or gradients "
+                f"(trainer.max_bad_steps={tc.max_bad_steps}); the last good state is saved in "
+                f"{run_dir}/checkpoints/step_{state.step}. Lower trainer.lr or check the reward.")
+        if stop["stop"]:
+            checkpoint()
+            logger.print(f"stopped by a signal after step {step}; continue with "
+                         f"`gspo train resume=auto hydra.run.dir={run_dir}`")
+            return record
+        if tc.save_every and state.step % tc.save_every == 0 and state.step < tc.max_steps:
+            checkpoint()
+    return record
+
+
+def save_final_model(policy, ctx: StepContext, final_dir: Path, logger: RunLogger) -> None:
+    """Write the trained model as an ordinary Hugging Face directory (gathered from FSDP shards)."""
+    model = unwrap(policy)
+    state_dict = None
+    if ctx.env.distributed and ctx.cfg.hardware.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if ctx.env.is_main:
+        model.save_pretrained(final_dir, state_dict=state_dict)
+        ctx.tokenizer.save_pretrained(final_dir)
+        logger.print(f"saved the trained model to {final_dir}")

@@ -43,3 +43,33 @@ def test_unknown_option_fails_with_the_choices_and_no_traceback():
 def test_unknown_command_is_an_error():
     result = run_gspo("trian")
     assert result.returncode == 2 and "usage" in result.stderr
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("model.path=/no/such/model", "model.path=/no/such/model: no such directory"),
+    ("trainer.num_minibatches=5", "does not split into trainer.num_minibatches=5"),
+    ("+task.reward._target_=no_such_module.reward", "no_such_module"),
+])
+def test_bad_input_is_one_line_without_traceback(override, expected, tmp_path, cache_dir):
+    result = run_gspo("train", *small_overrides(cache_dir), "logger=none", f"hydra.run.dir={tmp_path}", override)
+    assert result.returncode == 1
+    assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_malformed_data_file_names_its_line(tmp_path, cache_dir):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"question": "1+1", "answer": "#### 2"}\n{"question": broken\n')
+    result = run_gspo("train", *small_overrides(cache_dir), "logger=none", f"hydra.run.dir={tmp_path / 'run'}",
+                      "task=gsm8k", f"task.path={data}")
+    assert result.returncode == 1 and f"{data}:2" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_two_processes_leave_one_run_directory_with_one_line_per_step(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    result = run_gspo("train", *small_overrides(cache_dir), "logger=none", "hardware=cpu-2proc",
+                      f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert (run_dir / "config.yaml").exists() and (run_dir / "checkpoints" / "final" / "config.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]

@@ -12,7 +12,7 @@ from gspo_cli.config import TrainConfig
 from gspo_cli.losses import LOSSES
 from gspo_cli.rewards import REWARDS
 
-GROUPS = ["model", "task", "algo", "hardware", "logger"]
+GROUPS = ["model", "task", "algo", "hardware", "logger", "experiment"]
 
 
 def options(group: str) -> list[str]:

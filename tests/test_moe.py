@@ -102,3 +102,44 @@ def test_unsupported_moe_is_a_clear_error():
 
     with pytest.raises(RoutingReplayUnsupported, match="no top-k router"):
         find_routers(FakeMoE())
+
+
+def run_small(tmp_path, cache_dir, *extra):
+    import json
+
+    from conftest import compose_train
+    from gspo_cli.train import train
+    from test_train import small_overrides
+
+    cfg = compose_train(small_overrides(cache_dir, "grpo", steps=2) + ["logger=none", "trainer.save_final=false", *extra])
+    train(cfg, tmp_path)
+    return [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_logs_routing_drift_per_layer(tmp_path, cache_dir):
+    records = run_small(tmp_path, cache_dir)
+    for r in records[:2]:
+        assert 0.0 <= r["routing/changed_fraction"] <= 1.0
+        layers = [r[f"routing/changed_fraction/layer_{i}"] for i in range(TEST_SPEC.num_hidden_layers)]
+        assert r["routing/changed_fraction"] == pytest.approx(sum(layers) / len(layers))
+        assert r["routing/replay_cache_mb"] > 0
+    # lr 1e-2 moves the routers: after the first mini-batch some choices change.
+    assert max(r["routing/changed_fraction"] for r in records[:2]) > 0
+
+
+def test_routing_replay_changes_the_update_when_routes_drift(tmp_path, cache_dir):
+    base = run_small(tmp_path / "base", cache_dir)
+    replayed = run_small(tmp_path / "replay", cache_dir, "algo.routing_replay=true")
+    # Mini-batch 0 is on-policy (same routes, same update in both runs); from mini-batch 1 on,
+    # tokens whose experts changed are computed with π_old's experts under replay.
+    assert base[0]["routing/changed_fraction"] > 0
+    assert replayed[0]["loss"] != pytest.approx(base[0]["loss"], rel=1e-6)
+    assert replayed[0]["reward/mean"] == base[0]["reward/mean"]  # same rollout: sampling is unaffected
+
+
+def test_dense_model_reports_no_routing_and_refuses_replay(tmp_path, cache_dir):
+    dense = ["model.name=test-dense", "model.build.num_experts=0"]
+    records = run_small(tmp_path, cache_dir, *dense)
+    assert not any(k.startswith("routing/") for k in records[0])
+    with pytest.raises(ValueError, match="dense"):
+        run_small(tmp_path / "again", cache_dir, *dense, "algo.routing_replay=true")

@@ -1,0 +1,157 @@
+"""Checkpoints that let a run continue exactly: atomic, self-contained, safe to load.
+
+A checkpoint is a directory `checkpoints/step_<N>/` holding
+
+- `model/`: the policy and its tokenizer (`save_pretrained`, safetensors);
+- `trainer_state.pt`: optimizer, scheduler, the step, the prompt stream's position, every
+  random number generator, the W&B run id — tensors and plain Python values only, so it
+  loads with `torch.load(weights_only=True)` and never runs pickled code.
+
+It is written to a hidden temporary directory and renamed into place only when complete,
+so a process killed at any moment leaves either the previous checkpoints or the new one,
+never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+STATE_FILE = "trainer_state.pt"
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Python, NumPy, torch and the sampling generator's states, as weights-only-loadable values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+        "generator": generator.get_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    """Restore what `rng_state` saved."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+
+
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict[str, Any], keep_last: int) -> Path:
+    """Write `checkpoints/step_<step>/` atomically and delete all but the newest `keep_last`.
+
+    Args:
+        step: the number of completed RL steps (training continues at this step).
+        trainer_state: optimizer/scheduler state dicts, stream position, RNG states, ids.
+    """
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"step_{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step}-", dir=root))
+    try:
+        model.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        torch.save({**trainer_state, "step": step}, tmp / STATE_FILE)
+        if target.exists():  # the same step saved again (e.g. on a signal right after a periodic save)
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary directories are ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))
+             and (p / STATE_FILE).exists() and (p / "model" / "config.json").exists()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint, loaded without unpickling arbitrary objects."""
+    return torch.load(Path(checkpoint) / STATE_FILE, weights_only=True)
+
+
+# ---------------------------------------------------------------------------- FSDP2: sharded
+
+
+SHARDED_DIR = "sharded"  # torch.distributed.checkpoint files of model and optimizer
+
+
+def save_sharded_checkpoint(run_dir: Path, step: int, model, optimizer, tokenizer, trainer_state: dict[str, Any],
+                            keep_last: int, is_main: bool) -> Path:
+    """Save an FSDP2 model and optimizer with torch.distributed.checkpoint (every rank its shards).
+
+    Called on every rank. Rank 0 also writes the tokenizer and the rest of the trainer state;
+    the directory is renamed into place once every rank has written its part.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = Path(run_dir) / "checkpoints"
+    tmp, target = root / f".tmp-step_{step}", root / f"step_{step}"
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / SHARDED_DIR))
+    if is_main:
+        tokenizer.save_pretrained(tmp / "model")
+        model.config.save_pretrained(tmp / "model")
+        torch.save({**{k: v for k, v in trainer_state.items() if k != "optimizer"}, "step": step}, tmp / STATE_FILE)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return target
+
+
+def load_sharded_model(model, checkpoint: Path, optimizer=None) -> None:
+    """Load model (and optimizer) state saved by `save_sharded_checkpoint` into `model`.
+
+    Works at any world size, one process included: torch.distributed.checkpoint reshards
+    the saved tensors onto however `model` is sharded now.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer) if optimizer is not None else (
+        get_state_dict(model, [])[0], None)
+    state = {"model": model_state} if optimizer is None else {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(Path(checkpoint) / SHARDED_DIR))
+    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
+                   optim_state_dict=state.get("optimizer", {}))
+
+
+def is_sharded(checkpoint: Path) -> bool:
+    """Whether a checkpoint holds DCP shards instead of a `save_pretrained` model."""
+    return (Path(checkpoint) / SHARDED_DIR).is_dir()

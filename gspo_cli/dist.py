@@ -1,0 +1,128 @@
+"""Distributed setup on PyTorch's own stack: torchrun's environment, DDP, FSDP2, collectives.
+
+One process per device, launched by torchrun (`torch.distributed.run`). Every rank runs the
+same loop on its shard of the prompts; the helpers here keep the math independent of the
+world size: sums are all-reduced, and losses are normalised by global counts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 logs, writes files and builds shared caches."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str) -> DistEnv:
+    """Join the process group torchrun set up (`RANK`, `WORLD_SIZE`, ...); a no-op for one process.
+
+    gloo on CPU, NCCL on CUDA; each CUDA rank takes the GPU of its local rank.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistEnv(device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def shard(items: Sequence[T], env: DistEnv) -> list[T]:
+    """This rank's contiguous share of `items` (whose length must divide by the world size)."""
+    if len(items) % env.world_size:
+        raise ValueError(f"{len(items)} items do not split evenly across {env.world_size} ranks")
+    per_rank = len(items) // env.world_size
+    return list(items[env.rank * per_rank:(env.rank + 1) * per_rank])
+
+
+def all_reduce_sum(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum of `value` over ranks (a new tensor; `value` itself is left alone)."""
+    if not env.distributed:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def all_reduce_any(flag: bool, env: DistEnv) -> bool:
+    """Whether `flag` is true on any rank (keeps loops of collective forwards in lockstep)."""
+    if not env.distributed:
+        return flag
+    return bool(all_reduce_sum(torch.tensor([float(flag)]), env).item() > 0)
+
+
+def barrier(env: DistEnv) -> None:
+    """Wait for every rank."""
+    if env.distributed:
+        dist.barrier()
+
+
+def wrap_model(model: torch.nn.Module, strategy: str, env: DistEnv, precision: str = "fp32") -> torch.nn.Module:
+    """DDP, or FSDP2 `fully_shard` on every decoder layer and then the root.
+
+    With one process the model is returned as is. FSDP2 with `precision="bf16"` computes in
+    bf16 and keeps fp32 parameters and gradient reductions (its mixed-precision policy).
+    """
+    if not env.distributed:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [env.local_rank] if env.device.startswith("cuda") else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if precision == "bf16" else MixedPrecisionPolicy()
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return model
+    raise ValueError(f"hardware.strategy={strategy!r} is not one of ['ddp', 'fsdp']")
+
+
+def autocast(device: str, precision: str, strategy: str, distributed: bool):
+    """bf16 autocast for `precision=bf16` (FSDP2 handles it itself through its policy)."""
+    import contextlib
+
+    if precision != "bf16" or (distributed and strategy == "fsdp"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The underlying model of a DDP wrapper (FSDP2 shards in place and needs no unwrapping)."""
+    return getattr(model, "module", model)
+
+
+def shutdown(env: DistEnv) -> None:
+    """Leave the process group."""
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,228 @@
+"""The named steps of one RL step: collect a scored rollout batch, then update the policy on it.
+
+`train.py` calls these in order; the math they use lives in the leaf modules (losses,
+aggregation, advantages, kl, moe). With several processes every rank holds a shard of the
+prompts (a prompt's G responses never split), and every normalisation uses global counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional
+
+import torch
+
+from gspo_cli.advantages import compute_advantages
+from gspo_cli.aggregation import aggregate
+from gspo_cli.config import TrainConfig
+from gspo_cli.dist import DistEnv, all_reduce_any, all_reduce_sum, shard, unwrap
+from gspo_cli.kl import kl_estimate, logp_mismatch, truncated_is_weights
+from gspo_cli.losses import LOSSES, masked_mean
+from gspo_cli.moe import MoERouting, Routes, routes_by_sequence, routes_megabytes, routing_metrics, select_rows
+from gspo_cli.rollout import Rollout, generate_rollout, response_logprobs
+from gspo_cli.sampling import fill_with_informative_groups, overlong_penalty
+from gspo_cli.tasks import PromptStream, Task
+
+
+@dataclass
+class StepContext:
+    """What the steps need besides the policy and the batch."""
+
+    cfg: TrainConfig
+    task: Task
+    tokenizer: Any
+    env: DistEnv
+    generator: torch.Generator  # drives sampling and mini-batch order
+    routing: Optional[MoERouting] = None  # hooks on the MoE routers (None for dense models)
+    ref_model: Optional[torch.nn.Module] = None  # frozen reference, only when algo.kl_coef != 0
+
+    def still_running(self, any_alive: bool) -> bool:
+        """Keep sampling while any sequence on any rank is unfinished (FSDP needs lockstep)."""
+        return all_reduce_any(any_alive, self.env)
+
+
+class Batch(NamedTuple):
+    """A scored rollout batch ready for the policy update (N = this rank's prompts × G)."""
+
+    rollout: Rollout
+    rewards: torch.Tensor  # [N]
+    advantages: torch.Tensor  # [N]
+    old_logp: torch.Tensor  # [N, T] log π_old of the sampled tokens
+    entropy: torch.Tensor  # [N, T] entropy of π_old at each response position
+    ref_logp: Optional[torch.Tensor] = None  # [N, T] log π_ref, only when algo.kl_coef != 0
+    is_weights: Optional[torch.Tensor] = None  # [N, T] truncated IS weights, only with algo.tis_cap
+    old_routes: Optional[Routes] = None  # per MoE layer [N, L, k] experts π_old chose
+
+
+def sample_and_score(policy, ctx: StepContext, stream: PromptStream,
+                     timings: dict[str, float]) -> tuple[Rollout, torch.Tensor]:
+    """Sample G responses to this rank's share of the next `prompts_per_step` prompts; score them."""
+    tc = ctx.cfg.trainer
+    problems = shard(stream.next_batch(tc.prompts_per_step), ctx.env)  # every rank reads the same stream
+    prompts = [p.prompt for p in problems for _ in range(tc.group_size)]  # groups contiguous
+    answers = [p.answer for p in problems for _ in range(tc.group_size)]
+
+    start = time.perf_counter()
+    rollout = generate_rollout(policy, ctx.tokenizer, prompts, tc.max_new_tokens, tc.temperature,
+                               ctx.generator, ctx.still_running)
+    timings["time/generate_s"] = timings.get("time/generate_s", 0.0) + time.perf_counter() - start
+
+    start = time.perf_counter()
+    num_tokens = rollout.response_mask.sum(1).long().tolist()  # lengths for the overlong penalty
+    scores, reward_metrics = ctx.task.score(rollout.completions, answers, num_tokens, tc.max_new_tokens)
+    rewards = torch.tensor(scores)
+    if "time/reward_s" not in timings:  # with dynamic sampling: the first, unfiltered draw
+        timings.update(reward_metrics)  # reward/<name>/mean per component, reward/errors
+    timings["time/reward_s"] = timings.get("time/reward_s", 0.0) + time.perf_counter() - start
+    return rollout, rewards
+
+
+def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Batch, dict[str, float]]:
+    """Sample and score a batch (refilled by dynamic sampling if set), then compute the
+    advantages, π_old (with the experts it chose), the sampler/trainer gap and log π_ref."""
+    tc, algo = ctx.cfg.trainer, ctx.cfg.algo
+    timings: dict[str, float] = {}
+    sampler = unwrap(policy)  # DDP's forward hooks are for training passes only
+    sampler.eval()
+    draw = lambda: sample_and_score(sampler, ctx, stream, timings)  # noqa: E731
+    if algo.dynamic_sampling:
+        filled = fill_with_informative_groups(draw, tc.prompts_per_step // ctx.env.world_size, tc.group_size,
+                                              algo.max_refill_rounds, ctx.tokenizer.pad_token_id)
+        rollout, rewards = filled.rollout, filled.rewards
+        timings.update(filled.metrics)
+        if filled.warning:
+            warnings.warn(filled.warning, stacklevel=2)
+    else:
+        rollout, rewards = draw()
+    mask = rollout.response_mask
+
+    shaped = rewards
+    if algo.overlong_buffer > 0:
+        penalty = overlong_penalty(mask.sum(1), tc.max_new_tokens, algo.overlong_buffer * tc.max_new_tokens,
+                                   algo.overlong_penalty)
+        shaped = rewards + penalty
+        timings["reward/overlong_penalty"] = penalty.mean().item()
+    advantages = compute_advantages(shaped, tc.group_size, algo.adv_baseline, algo.adv_scale)
+
+    start = time.perf_counter()
+    is_weights, old_routes = None, None
+    if algo.old_logp == "recompute":
+        capture = ctx.routing.capture() if ctx.routing else contextlib.nullcontext()
+        with torch.no_grad(), capture as routes:
+            old_logp, entropy = response_logprobs(sampler, rollout.input_ids, rollout.attention_mask,
+                                                  mask.shape[1], tc.temperature, with_entropy=True)
+        if routes is not None:
+            old_routes = routes_by_sequence(list(routes), rollout.input_ids.shape[0])
+            timings["routing/replay_cache_mb"] = routes_megabytes(old_routes)
+        timings.update({k: v.item() for k, v in logp_mismatch(old_logp, rollout.logp, mask).items()})
+        if algo.tis_cap is not None:
+            is_weights = truncated_is_weights(old_logp, rollout.logp, algo.tis_cap)
+    else:  # the sampler's numbers; the gap is measured on the first mini-batch (update_policy)
+        old_logp, entropy = rollout.logp, rollout.entropy
+    timings["time/old_logp_s"] = time.perf_counter() - start
+
+    ref_logp = None
+    if ctx.ref_model is not None:
+        with torch.no_grad():
+            ref_logp, _ = response_logprobs(ctx.ref_model, rollout.input_ids, rollout.attention_mask,
+                                            mask.shape[1], tc.temperature)
+    sampler.train()
+    return Batch(rollout, rewards, advantages, old_logp, entropy, ref_logp, is_weights, old_routes), timings
+
+
+def minibatch_loss(logp: torch.Tensor, batch: Batch, indices: torch.Tensor, ctx: StepContext
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The configured policy loss on one mini-batch (plus the KL penalty with a reference).
+
+    Token and sequence counts are those of the mini-batch across all ranks, so the gradient
+    averaged by DDP/FSDP equals the gradient of the loss on the whole global mini-batch.
+    """
+    algo, mask = ctx.cfg.algo, batch.rollout.response_mask[indices]
+    counts = all_reduce_sum(torch.tensor([mask.sum().item(), float(mask.shape[0])]), ctx.env)
+    agg = dict(loss_agg=algo.loss_agg, horizon=ctx.cfg.trainer.max_new_tokens,  # Dr. GRPO's constant
+               num_tokens=counts[0].item(), num_seqs=counts[1].item(), num_shards=ctx.env.world_size)
+    is_weights = None if batch.is_weights is None else batch.is_weights[indices]
+    loss, metrics = LOSSES[algo.loss](
+        logp, batch.old_logp[indices], batch.advantages[indices], mask,
+        clip_low=algo.clip_low, clip_high=algo.clip_high, is_weights=is_weights, **agg, **algo.params)
+    if batch.ref_logp is not None:
+        kl = aggregate(kl_estimate(logp, batch.ref_logp[indices], algo.kl_estimator), mask, algo.loss_agg,
+                       **{k: v for k, v in agg.items() if k != "loss_agg"})
+        loss = loss + algo.kl_coef * kl
+        metrics["kl/ref"] = kl.detach()
+    return loss, metrics
+
+
+def minibatch_logprobs(policy, batch: Batch, indices: torch.Tensor, ctx: StepContext
+                       ) -> tuple[torch.Tensor, dict[str, float]]:
+    """log π_θ of a mini-batch's responses, with the routing metrics (and replay) of MoE models."""
+    rollout, T = batch.rollout, batch.rollout.response_mask.shape[1]
+    if ctx.routing is None or batch.old_routes is None:
+        logp, _ = response_logprobs(policy, rollout.input_ids[indices], rollout.attention_mask[indices], T,
+                                    ctx.cfg.trainer.temperature)
+        return logp, {}
+    old = [r[indices] for r in batch.old_routes]
+    replay = ctx.routing.replay(select_rows(batch.old_routes, indices)) if ctx.cfg.algo.routing_replay \
+        else contextlib.nullcontext()
+    with ctx.routing.capture() as routes, replay:
+        logp, _ = response_logprobs(policy, rollout.input_ids[indices], rollout.attention_mask[indices], T,
+                                    ctx.cfg.trainer.temperature)
+    current = routes_by_sequence(list(routes), len(indices))
+    response_tokens = torch.zeros(rollout.attention_mask[indices].shape)  # [n, L]: the response positions
+    response_tokens[:, -T:] = rollout.response_mask[indices]
+    return logp, routing_metrics(current, old, response_tokens)
+
+
+def update_policy(policy, optimizer, scheduler, batch: Batch, ctx: StepContext) -> dict[str, float]:
+    """Split the batch into mini-batches, one optimizer step each; average their metrics.
+
+    A mini-batch whose loss or gradient is not finite is skipped (no optimizer step) and
+    counted in `faults/skipped_steps`.
+    """
+    tc = ctx.cfg.trainer
+    rollout, num_seqs = batch.rollout, batch.rewards.numel()
+    order = torch.randperm(num_seqs, generator=ctx.generator)
+    sums: dict[str, float] = {"faults/skipped_steps": 0.0}
+    mismatch: dict[str, float] = {}
+    for i, indices in enumerate(order.chunk(tc.num_minibatches)):
+        logp, routing = minibatch_logprobs(policy, batch, indices, ctx)
+        if i == 0 and ctx.cfg.algo.old_logp == "rollout":  # no step taken yet: logp is the trainer's π_old
+            mask = rollout.response_mask[indices]
+            mismatch = {k: v.item() for k, v in logp_mismatch(logp, rollout.logp[indices], mask).items()}
+        loss, metrics = minibatch_loss(logp, batch, indices, ctx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.max_grad_norm)
+        if torch.isfinite(loss) and torch.isfinite(grad_norm):
+            optimizer.step()
+        else:  # one NaN must not poison the weights or Adam's moments
+            optimizer.zero_grad(set_to_none=True)
+            sums["faults/skipped_steps"] += 1
+        scheduler.step()
+        metrics = {"loss": loss.detach(), "grad_norm": grad_norm, **metrics, **routing}
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0.0) + float(value) / tc.num_minibatches
+    return {**sums, **mismatch}
+
+
+def rollout_metrics(batch: Batch) -> dict[str, float]:
+    """Reward, length and entropy statistics of a rollout batch."""
+    mask = batch.rollout.response_mask
+    return {
+        "reward/mean": batch.rewards.mean().item(),
+        "reward/std": batch.rewards.std().item(),
+        "response_length/mean": mask.sum(1).mean().item(),
+        "entropy": masked_mean(batch.entropy, mask).item(),
+    }
+
+
+def mean_over_ranks(metrics: dict[str, float], env: DistEnv) -> dict[str, float]:
+    """Average every metric over ranks (shards are equal in size), so rank 0 logs global values."""
+    if not env.distributed:
+        return metrics
+    names = sorted(metrics)
+    values = all_reduce_sum(torch.tensor([float(metrics[n]) for n in names], dtype=torch.float64), env)
+    return {n: v / env.world_size for n, v in zip(names, values.tolist())}

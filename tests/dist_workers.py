@@ -1,0 +1,77 @@
+"""Code that runs inside the processes of the distributed tests (spawned, gloo on CPU)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from gspo_cli.config import TrainConfig
+from gspo_cli.dist import init_distributed, shutdown, wrap_model
+from gspo_cli.models import load_model
+from gspo_cli.rollout import Rollout
+from gspo_cli.steps import Batch, StepContext, mean_over_ranks, update_policy
+
+
+def batch_rows(data: dict, rows: slice) -> Batch:
+    """A `Batch` made of some rows of the saved global batch."""
+    rollout = Rollout(input_ids=data["input_ids"][rows], attention_mask=data["attention_mask"][rows],
+                      response_mask=data["response_mask"][rows], completions=[""] * len(data["rewards"][rows]),
+                      logp=data["old_logp"][rows], entropy=data["entropy"][rows])
+    return Batch(rollout, data["rewards"][rows], data["advantages"][rows], data["old_logp"][rows],
+                 data["entropy"][rows])
+
+
+def one_update(model_dir: str, data: dict, strategy: str, loss: str = "gspo") -> tuple[float, dict]:
+    """One optimizer step (one mini-batch, SGD lr 1) on this rank's contiguous share of the batch.
+
+    Returns the loss averaged over ranks and the full (unsharded) parameters after the step.
+    """
+    env = init_distributed("cpu")
+    torch.manual_seed(0)
+    model = wrap_model(load_model(model_dir), strategy, env)
+    cfg = TrainConfig()
+    cfg.trainer.num_minibatches = 1
+    cfg.algo.loss = loss
+    per_rank = len(data["rewards"]) // env.world_size
+    batch = batch_rows(data, slice(env.rank * per_rank, (env.rank + 1) * per_rank))
+    ctx = StepContext(cfg, task=None, tokenizer=None, env=env, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    metrics = mean_over_ranks(update_policy(model, optimizer, scheduler, batch, ctx), env)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    params = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    params = {k: v.detach().clone() for k, v in params.items()}
+    return metrics["loss"], params, env
+
+
+def update_worker(rank: int, world: int, port: int, model_dir: str, batch_file: str, strategy: str,
+                  out_file: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    loss, params, env = one_update(model_dir, torch.load(batch_file), strategy)
+    if rank == 0:
+        torch.save({"loss": loss, "params": params}, out_file)
+    shutdown(env)
+
+
+def sharded_save_worker(rank: int, world: int, port: int, model_dir: str, run_dir: str) -> None:
+    """Shard the model with FSDP2 on `world` ranks, perturb it, save a DCP checkpoint."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from gspo_cli.checkpoint import save_sharded_checkpoint
+    from gspo_cli.models import load_tokenizer
+
+    env = init_distributed("cpu")
+    model = wrap_model(load_model(model_dir), "fsdp", env)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)  # so the saved weights differ from the ones on disk
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_sharded_checkpoint(Path(run_dir), 1, model, optimizer, load_tokenizer(model_dir), {"stream": {}},
+                            keep_last=1, is_main=env.is_main)
+    shutdown(env)

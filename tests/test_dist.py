@@ -1,0 +1,75 @@
+"""Data parallelism on two gloo processes equals one process (DDP and FSDP2), and DCP checkpoints reshard."""
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from dist_workers import one_update, sharded_save_worker, update_worker
+from gspo_cli.advantages import group_normalized_advantages
+from gspo_cli.checkpoint import is_sharded, latest_checkpoint, load_sharded_model
+from gspo_cli.models import load_model
+from gspo_cli.rollout import generate_rollout, response_logprobs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def global_batch(tmp_path_factory, tiny_model_dir):
+    """8 prompts × 4 responses from the tiny MoE, rewards drawn at random, π_old slightly off-policy."""
+    from gspo_cli.models import load_tokenizer
+
+    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    prompts = [f"{a}+{a + 1}=" for a in range(8) for _ in range(4)]
+    rollout = generate_rollout(model, tokenizer, prompts, 4, 1.0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logp, entropy = response_logprobs(model, rollout.input_ids, rollout.attention_mask,
+                                          rollout.response_mask.shape[1], with_entropy=True)
+    rewards = torch.randint(0, 2, (32,), generator=torch.Generator().manual_seed(1)).float()
+    noise = 1e-3 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(2))
+    data = dict(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                response_mask=rollout.response_mask, old_logp=logp + noise, entropy=entropy, rewards=rewards,
+                advantages=group_normalized_advantages(rewards, 4))
+    path = tmp_path_factory.mktemp("batch") / "batch.pt"
+    torch.save(data, path)
+    return path
+
+
+def two_processes(tmp_path, tiny_model_dir, global_batch, strategy):
+    out = tmp_path / f"{strategy}.pt"
+    mp.spawn(update_worker, args=(2, free_port(), str(tiny_model_dir), str(global_batch), strategy, str(out)),
+             nprocs=2, join=True)
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def single(tiny_model_dir, global_batch):
+    loss, params, _ = one_update(str(tiny_model_dir), torch.load(global_batch), "ddp")
+    return loss, params
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_give_the_single_process_update(strategy, tmp_path, tiny_model_dir, global_batch, single):
+    loss, params = single
+    result = two_processes(tmp_path, tiny_model_dir, global_batch, strategy)
+    assert result["loss"] == pytest.approx(loss, abs=1e-5)
+    before = load_model(tiny_model_dir).state_dict()
+    assert any(not torch.equal(before[k], params[k]) for k in params)  # the step did move the weights
+    for name, value in params.items():
+        assert torch.allclose(result["params"][name], value, atol=1e-5), name
+
+
+def test_sharded_checkpoint_from_two_processes_loads_in_one(tmp_path, tiny_model_dir):
+    mp.spawn(sharded_save_worker, args=(2, free_port(), str(tiny_model_dir), str(tmp_path)), nprocs=2, join=True)
+    checkpoint = latest_checkpoint(tmp_path)
+    assert checkpoint is not None and is_sharded(checkpoint)
+    model = load_model(tiny_model_dir)
+    load_sharded_model(model, checkpoint)
+    expected = {k: v + 0.01 for k, v in load_model(tiny_model_dir).state_dict().items()}
+    for name, value in model.state_dict().items():
+        assert torch.allclose(value, expected[name], atol=1e-6), name

@@ -1,0 +1,60 @@
+"""Numeric guards: bad-step counting and collapse warnings."""
+
+from gspo_cli.guards import BadStepCounter, CollapseMonitor
+
+
+def test_bad_steps_must_be_in_a_row():
+    counter = BadStepCounter(limit=2)
+    assert not counter.update(skipped=4, num_minibatches=4)
+    assert not counter.update(skipped=1, num_minibatches=4)  # a partly good step resets the count
+    assert not counter.update(skipped=4, num_minibatches=4)
+    assert counter.update(skipped=4, num_minibatches=4)
+
+
+def test_reward_collapse_warns_once():
+    monitor = CollapseMonitor(smoothing=0.0)  # no smoothing: each value is its own average
+    assert monitor.update(0.6, 1.0) is None
+    assert monitor.update(0.5, 1.0) is None  # 0.5 ≥ 0.5 · 0.6
+    message = monitor.update(0.2, 1.0)  # 0.2 < 0.3
+    assert message and "reward collapsed" in message
+    assert monitor.update(0.1, 1.0) is None  # only once
+
+
+def test_entropy_collapse_against_the_first_value():
+    monitor = CollapseMonitor(smoothing=0.0)
+    assert monitor.update(0.0, 2.0) is None  # a zero reward is too low to collapse from
+    assert monitor.update(0.0, 1.1) is None
+    assert "entropy collapsed" in monitor.update(0.0, 0.9)
+
+
+def test_non_finite_updates_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_path, cache_dir, monkeypatch):
+    import json
+
+    import pytest
+    import torch
+
+    from conftest import compose_train
+    from gspo_cli import steps
+    from gspo_cli.checkpoint import latest_checkpoint
+    from gspo_cli.guards import TrainingDiverged
+    from gspo_cli.models import load_model
+    from gspo_cli.train import train
+    from test_train import small_overrides
+
+    real = steps.LOSSES["gspo"]
+
+    def poisoned(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setitem(steps.LOSSES, "gspo", poisoned)
+    cfg = compose_train(small_overrides(cache_dir, steps=5) + ["logger=none", "trainer.max_bad_steps=2"])
+    with pytest.raises(TrainingDiverged, match="2 steps in a row"):
+        train(cfg, tmp_path)
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["faults/skipped_steps"] for r in records] == [4, 4]  # every mini-batch of both steps
+    saved = latest_checkpoint(tmp_path)
+    assert saved.name == "step_2"
+    # Nothing was applied: the saved weights are finite and still the starting ones.
+    for value in load_model(saved / "model").state_dict().values():
+        assert torch.isfinite(value).all()
