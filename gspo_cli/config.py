@@ -212,7 +212,9 @@ class HardwareConfig:
     nnodes: int = 1
     """Nodes (torchrun)."""
     num_threads: int = 0
-    """CPU threads for torch (per process); 0 keeps torch's default."""
+    """CPU threads for torch (per process); 0 keeps torch's default (one per physical core)."""
+    fused_adamw: Optional[bool] = None
+    """AdamW's fused kernel; unset: on for CUDA, off on CPU (faster there too, but not bit-identical)."""
     strategy: str = "ddp"
     """Data parallelism with several processes: ddp, or fsdp (FSDP2 `fully_shard`)."""
     rdzv_endpoint: Optional[str] = None

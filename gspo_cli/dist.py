@@ -65,9 +65,9 @@ def all_reduce_sum(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """Sum of `value` over ranks (a new tensor; `value` itself is left alone)."""
     if not env.distributed:
         return value
-    total = value.detach().clone()
+    total = value.detach().to(env.device, copy=True)  # NCCL reduces GPU tensors only
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total
+    return total.to(value.device)
 
 
 def all_reduce_any(flag: bool, env: DistEnv) -> bool:

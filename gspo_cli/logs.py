@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
-import wandb
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.progress import TimeElapsedColumn, TimeRemainingColumn
@@ -158,6 +157,8 @@ class RunLogger:
         if mode == "disabled":
             return  # no dummy run object: `wandb_run is None` then means "no W&B" everywhere
         try:
+            import wandb  # imported only when used: it is slow to import and logger=none needs none of it
+
             self.wandb_run = wandb.init(
                 project=self.cfg.project, entity=self.cfg.entity, group=self.cfg.group,
                 name=run_name, job_type=self.job_type, tags=list(self.cfg.tags) or None, config=config,
@@ -214,6 +215,8 @@ class RunLogger:
             # Union of the keys, in first-seen order, so uneven rows still fit one table.
             columns = list(dict.fromkeys(k for row in rows for k in row))
             try:
+                import wandb
+
                 table = wandb.Table(columns, [[r.get(c) for c in columns] for r in rows])
                 self.wandb_run.log({"samples": table}, step=int(step))
             except Exception as exc:

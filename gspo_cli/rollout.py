@@ -13,7 +13,6 @@ import inspect
 from typing import Callable, NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -94,37 +93,58 @@ def sample_with_logprobs(
     `still_running(any_alive)` decides whether to continue; under FSDP every rank must run
     the same number of forward passes, so the trainer passes a function that asks all ranks.
 
+    Work the result does not need is skipped: no forward pass after the last token, and
+    sequences that have ended are dropped from the forward batch (and the KV cache) once
+    they are a quarter of it. Tokens are still drawn for all N rows from an [N, V] buffer
+    of each row's latest logits, so the generator advances exactly as without the dropping
+    and a seed gives the same responses.
+
     Returns:
         (response_ids [N, T], response_mask [N, T], logp [N, T], entropy [N, T]); logp and
         entropy hold values at masked positions too, to be ignored.
     """
-    cache = {_cache_kwarg(type(model)): DynamicCache()}
-    attention_mask = prompt_mask
+    N, P = prompt_ids.shape
+    kv_cache = DynamicCache()
+    cache = {_cache_kwarg(type(model)): kv_cache}
+    # The whole mask is allocated once and sliced, rather than grown by a copy every token.
+    attention_mask = torch.cat([prompt_mask, prompt_mask.new_zeros(N, max_new_tokens)], dim=1)  # [N, P + T]
     positions = positions_from_mask(prompt_mask)
-    out = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions,
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
                 use_cache=True, **cache, logits_to_keep=1)
-    finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+    logits = out.logits[:, -1].float()  # [N, V] each row's latest logits
+    rows = torch.arange(N, device=prompt_ids.device)  # rows of the batch still in the forward pass
+    positions = positions[:, -1]
+    finished = torch.zeros(N, dtype=torch.bool, device=prompt_ids.device)
     tokens, alive, token_logps, entropies = [], [], [], []
-    for _ in range(max_new_tokens):
-        logits = out.logits[:, -1].float()
-        log_probs = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
+    for t in range(max_new_tokens):
+        scaled = logits / temperature if temperature > 0 else logits
+        log_probs = torch.log_softmax(scaled, dim=-1)
+        probs = torch.softmax(scaled, dim=-1)  # drawn from, and reused for the entropy (no second exp)
         if temperature > 0:
-            probs = torch.softmax(logits / temperature, dim=-1)
             next_token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
             next_token = logits.argmax(dim=-1)
         token_logps.append(log_probs.gather(1, next_token[:, None]).squeeze(1))
-        entropies.append(-(log_probs.exp() * log_probs).sum(-1))
+        entropies.append(-(probs * log_probs).sum(-1))
         next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
         tokens.append(next_token)
         alive.append(~finished)
         finished = finished | (next_token == eos_token_id)
-        if not still_running(not bool(finished.all())):
-            break
-        attention_mask = torch.cat([attention_mask, (~finished).long()[:, None]], dim=1)
-        positions = positions[:, -1:] + 1
-        out = model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=positions,
-                    use_cache=True, **cache)
+        attention_mask[:, P + t] = (~finished).to(attention_mask.dtype)
+        if t == max_new_tokens - 1 or not still_running(not bool(finished.all())):
+            break  # the logits a further forward pass would give are never used
+        if (~finished[rows]).sum() * 4 <= 3 * len(rows):  # a quarter has ended: drop those rows
+            keep = (~finished[rows]).nonzero().squeeze(1)
+            keep = keep if len(keep) else keep.new_zeros(1)  # one row keeps this rank in FSDP's lockstep
+            kv_cache.batch_select_indices(keep)
+            rows, positions = rows[keep], positions[keep]
+        positions = positions + 1
+        out = model(input_ids=next_token[rows, None], attention_mask=attention_mask[rows, : P + t + 1],
+                    position_ids=positions[:, None], use_cache=True, **cache)
+        if len(rows) == N:
+            logits = out.logits[:, -1].float()
+        else:
+            logits[rows] = out.logits[:, -1].float()
     return (torch.stack(tokens, dim=1), torch.stack(alive, dim=1).float(),
             torch.stack(token_logps, dim=1), torch.stack(entropies, dim=1))
 
@@ -174,9 +194,9 @@ def response_logprobs(
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Log-probabilities of the response tokens under `model` (with gradient if enabled).
 
-    Only the logits of the last T + 1 positions are computed (`logits_to_keep`), and the
-    log-probabilities are gathered through cross-entropy rather than a materialised
-    full-vocabulary log-softmax.
+    Only the logits of the last T + 1 positions are computed (`logits_to_keep`), and one
+    full-vocabulary log-softmax gives both the gathered log-probabilities and the entropy
+    (the values are those of `F.cross_entropy`, which computes the same log-softmax).
 
     Args:
         input_ids, attention_mask: [N, P + T].
@@ -193,11 +213,10 @@ def response_logprobs(
     logits = out.logits[:, :-1].float()  # [N, T, V]: position t predicts response token t
     if temperature != 1.0:
         logits = logits / temperature
-    targets = input_ids[:, -T:]
-    logp = -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").view_as(targets)
+    log_probs = torch.log_softmax(logits, dim=-1)  # [N, T, V]
+    logp = log_probs.gather(-1, input_ids[:, -T:, None]).squeeze(-1)
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            log_probs = torch.log_softmax(logits, dim=-1)
             entropy = -(log_probs.exp() * log_probs).sum(-1)
     return logp, entropy

@@ -35,9 +35,10 @@ class StepContext:
     task: Task
     tokenizer: Any
     env: DistEnv
-    generator: torch.Generator  # drives sampling and mini-batch order
+    generator: torch.Generator  # CPU: mini-batch order (and sampling, on CPU)
     routing: Optional[MoERouting] = None  # hooks on the MoE routers (None for dense models)
     ref_model: Optional[torch.nn.Module] = None  # frozen reference, only when algo.kl_coef != 0
+    sampling_generator: Optional[torch.Generator] = None  # on the GPU when sampling there; None: `generator`
 
     def still_running(self, any_alive: bool) -> bool:
         """Keep sampling while any sequence on any rank is unfinished (FSDP needs lockstep)."""
@@ -67,17 +68,39 @@ def sample_and_score(policy, ctx: StepContext, stream: PromptStream,
 
     start = time.perf_counter()
     rollout = generate_rollout(policy, ctx.tokenizer, prompts, tc.max_new_tokens, tc.temperature,
-                               ctx.generator, ctx.still_running)
+                               ctx.sampling_generator or ctx.generator, ctx.still_running)
     timings["time/generate_s"] = timings.get("time/generate_s", 0.0) + time.perf_counter() - start
 
     start = time.perf_counter()
     num_tokens = rollout.response_mask.sum(1).long().tolist()  # lengths for the overlong penalty
     scores, reward_metrics = ctx.task.score(rollout.completions, answers, num_tokens, tc.max_new_tokens)
-    rewards = torch.tensor(scores)
+    rewards = torch.tensor(scores, device=rollout.response_mask.device)
     if "time/reward_s" not in timings:  # with dynamic sampling: the first, unfiltered draw
         timings.update(reward_metrics)  # reward/<name>/mean per component, reward/errors
     timings["time/reward_s"] = timings.get("time/reward_s", 0.0) + time.perf_counter() - start
     return rollout, rewards
+
+
+def old_logprobs(sampler, rollout: Rollout, ctx: StepContext
+                 ) -> tuple[torch.Tensor, torch.Tensor, Optional[Routes]]:
+    """log π_old and its entropy [N, T] (and the experts it chose, per layer [N, L, k]),
+    computed a mini-batch of rows at a time: peak memory is one mini-batch's logits, not the
+    whole batch's. Rows do not interact in the forward pass, so the values are the same."""
+    T, num_seqs = rollout.response_mask.shape[1], rollout.input_ids.shape[0]
+    chunk = max(1, num_seqs // ctx.cfg.trainer.num_minibatches)
+    logps, entropies, chunk_routes = [], [], []
+    for start in range(0, num_seqs, chunk):
+        rows = slice(start, start + chunk)  # a view, no copy
+        capture = ctx.routing.capture() if ctx.routing else contextlib.nullcontext()
+        with torch.no_grad(), capture as routes:
+            logp, entropy = response_logprobs(sampler, rollout.input_ids[rows], rollout.attention_mask[rows], T,
+                                              ctx.cfg.trainer.temperature, with_entropy=True)
+        logps.append(logp)
+        entropies.append(entropy)
+        if routes is not None:
+            chunk_routes.append(routes_by_sequence(list(routes), logp.shape[0]))
+    old_routes = [torch.cat(layer) for layer in zip(*chunk_routes)] if chunk_routes else None
+    return torch.cat(logps), torch.cat(entropies), old_routes
 
 
 def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Batch, dict[str, float]]:
@@ -110,12 +133,8 @@ def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Bat
     start = time.perf_counter()
     is_weights, old_routes = None, None
     if algo.old_logp == "recompute":
-        capture = ctx.routing.capture() if ctx.routing else contextlib.nullcontext()
-        with torch.no_grad(), capture as routes:
-            old_logp, entropy = response_logprobs(sampler, rollout.input_ids, rollout.attention_mask,
-                                                  mask.shape[1], tc.temperature, with_entropy=True)
-        if routes is not None:
-            old_routes = routes_by_sequence(list(routes), rollout.input_ids.shape[0])
+        old_logp, entropy, old_routes = old_logprobs(sampler, rollout, ctx)
+        if old_routes is not None:
             timings["routing/replay_cache_mb"] = routes_megabytes(old_routes)
         timings.update({k: v.item() for k, v in logp_mismatch(old_logp, rollout.logp, mask).items()})
         if algo.tis_cap is not None:
@@ -171,7 +190,7 @@ def minibatch_logprobs(policy, batch: Batch, indices: torch.Tensor, ctx: StepCon
         logp, _ = response_logprobs(policy, rollout.input_ids[indices], rollout.attention_mask[indices], T,
                                     ctx.cfg.trainer.temperature)
     current = routes_by_sequence(list(routes), len(indices))
-    response_tokens = torch.zeros(rollout.attention_mask[indices].shape)  # [n, L]: the response positions
+    response_tokens = torch.zeros(rollout.attention_mask[indices].shape, device=logp.device)  # [n, L] responses
     response_tokens[:, -T:] = rollout.response_mask[indices]
     return logp, routing_metrics(current, old, response_tokens)
 

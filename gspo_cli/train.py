@@ -91,12 +91,15 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     stream: PromptStream
-    generator: torch.Generator
+    generator: torch.Generator  # CPU: mini-batch order, and sampling on CPU
+    sampling_generator: Optional[torch.Generator] = None  # sampling on a GPU (generators are per device)
     step: int = 0  # completed RL steps
 
     def to_dict(self, wandb_id: Optional[str]) -> dict[str, Any]:
+        sampling = None if self.sampling_generator is None else self.sampling_generator.get_state()
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "stream": self.stream.state(), "rng": rng_state(self.generator), "wandb_id": wandb_id}
+                "stream": self.stream.state(), "rng": rng_state(self.generator), "sampling_rng": sampling,
+                "wandb_id": wandb_id}
 
 
 # ---------------------------------------------------------------------------- set-up
@@ -119,10 +122,13 @@ def setup(cfg: TrainConfig, run_dir: Path, env: DistEnv, log) -> tuple[Any, Any,
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     task = task.for_tokenizer(tokenizer)  # the chat template, when task.chat_template is set
     policy = wrap_model(policy, cfg.hardware.strategy, env, cfg.hardware.precision)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    fused = cfg.hardware.fused_adamw if cfg.hardware.fused_adamw is not None else env.device.startswith("cuda")
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / tc.warmup_steps) if tc.warmup_steps else 1.0)
     state = TrainState(optimizer, scheduler, PromptStream(task.train, cfg.seed), seed_everything(cfg.seed + env.rank))
+    if env.device != "cpu":
+        state.sampling_generator = torch.Generator(device=env.device).manual_seed(cfg.seed + env.rank)
     saved: dict = {}
     if resume_from:
         saved = load_trainer_state(resume_from)
@@ -133,6 +139,8 @@ def setup(cfg: TrainConfig, run_dir: Path, env: DistEnv, log) -> tuple[Any, Any,
         scheduler.load_state_dict(saved["scheduler"])
         state.stream.load_state(saved["stream"])
         set_rng_state(saved["rng"], state.generator)
+        if state.sampling_generator is not None and saved.get("sampling_rng") is not None:
+            state.sampling_generator.set_state(saved["sampling_rng"])
         state.step = saved["step"]
         log(f"resumed from {resume_from} at step {state.step}")
     return policy, tokenizer, task, state, saved
@@ -149,7 +157,7 @@ def make_context(cfg: TrainConfig, policy, tokenizer, task: Task, env: DistEnv, 
         start = resolve_model_path(cfg, task, print)
         ref_model = load_model(start, cfg.model.dtype, env.device, cfg.model.trust_remote_code)
         ref_model.eval().requires_grad_(False)
-    return StepContext(cfg, task, tokenizer, env, state.generator, routing, ref_model)
+    return StepContext(cfg, task, tokenizer, env, state.generator, routing, ref_model, state.sampling_generator)
 
 
 def install_stop_signals() -> dict[str, bool]:

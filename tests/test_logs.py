@@ -82,7 +82,7 @@ def test_offline_wandb_run_records_metrics(tmp_path: Path) -> None:
 
 
 def test_disabled_logger_does_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(logs.wandb, "init", lambda **_: pytest.fail("wandb.init called"))
+    monkeypatch.setattr(wandb, "init", lambda **_: pytest.fail("wandb.init called"))
     cfg = LoggerConfig(wandb=True)
     with make_logger(tmp_path, cfg=cfg, enabled=False) as logger:
         logger.log({"reward/mean": 1.0}, step=1)
@@ -96,7 +96,7 @@ def test_wandb_init_failure_does_not_stop_training(tmp_path: Path, monkeypatch, 
     def broken_init(**_: object) -> None:
         raise RuntimeError("no network\nsecond line")
 
-    monkeypatch.setattr(logs.wandb, "init", broken_init)
+    monkeypatch.setattr(wandb, "init", broken_init)
     with make_logger(tmp_path, cfg=LoggerConfig(wandb=True, mode="online")) as logger:
         for step in range(1, 4):
             logger.log({"reward/mean": float(step)}, step=step)
@@ -119,7 +119,7 @@ def test_wandb_log_failure_warns_once_and_finishes(tmp_path: Path, monkeypatch, 
         def finish(self, *args: object, **kwargs: object) -> None:
             BrokenRun.finished += 1
 
-    monkeypatch.setattr(logs.wandb, "init", lambda **_: BrokenRun())
+    monkeypatch.setattr(wandb, "init", lambda **_: BrokenRun())
     with make_logger(tmp_path, cfg=LoggerConfig(wandb=True)) as logger:
         logger.log({"reward/mean": 1.0}, step=1)
         logger.log({"reward/mean": 2.0}, step=2)

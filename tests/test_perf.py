@@ -1,0 +1,138 @@
+"""The faster paths give the numbers of the straightforward ones (issue 9, item 5).
+
+Each optimisation is compared with a plain reference written here: the sampler against a
+KV-cache loop that feeds every row at every step, the chunked π_old against one forward
+pass over the whole batch, the single log-softmax against `F.cross_entropy`.
+"""
+
+import torch
+import torch.nn.functional as F
+from conftest import compose_train
+from test_train import small_overrides
+
+from gspo_cli.dist import DistEnv
+from gspo_cli.moe import MoERouting, routes_by_sequence
+from gspo_cli.rollout import (DynamicCache, _cache_kwarg, encode_prompts, generate_rollout, positions_from_mask,
+                              response_logprobs, sample_with_logprobs)
+from gspo_cli.steps import StepContext, old_logprobs
+from gspo_cli.train import setup
+
+
+@torch.no_grad()
+def reference_sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, temperature,
+                     generator):
+    """Token by token with a KV cache, every row in every forward pass, for all max_new_tokens."""
+    cache = {_cache_kwarg(type(model)): DynamicCache()}
+    mask, positions = prompt_mask, positions_from_mask(prompt_mask)
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache)
+    finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool)
+    tokens, alive, logps = [], [], []
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        scaled = logits / temperature if temperature > 0 else logits
+        log_probs = torch.log_softmax(scaled, -1)
+        token = (torch.multinomial(torch.softmax(scaled, -1), 1, generator=generator).squeeze(1)
+                 if temperature > 0 else logits.argmax(-1))
+        logps.append(log_probs.gather(1, token[:, None]).squeeze(1))
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        tokens.append(token)
+        alive.append(~finished)
+        finished = finished | (token == eos_token_id)
+        mask = torch.cat([mask, (~finished).long()[:, None]], 1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True, **cache)
+    return torch.stack(tokens, 1), torch.stack(alive, 1).float(), torch.stack(logps, 1)
+
+
+def common_token(model, prompt_ids, prompt_mask) -> int:
+    """The token the model most often puts first: used as end-of-sequence, many rows end early."""
+    with torch.no_grad():
+        logits = model(input_ids=prompt_ids, attention_mask=prompt_mask,
+                       position_ids=positions_from_mask(prompt_mask)).logits[:, -1]
+    return int(logits.argmax(-1).mode().values)
+
+
+def test_sampler_matches_the_reference_token_for_token(tiny_model):
+    model, tokenizer = tiny_model
+    ids, mask = encode_prompts(tokenizer, [f"{a}+{b}=" for a in range(8) for b in range(4)], "cpu")  # N = 32
+    eos = common_token(model, ids, mask)
+    batch_sizes = []  # rows of every forward pass the sampler makes
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    dropped = {}
+    for temperature in (1.0, 0.1, 0.0):  # at 0.1 about half the rows end after one token, one after three
+        batch_sizes.clear()
+        ref = reference_sample(model, ids, mask, 6, eos, tokenizer.pad_token_id, temperature,
+                               torch.Generator().manual_seed(5))
+        batch_sizes.clear()
+        new = sample_with_logprobs(model, ids, mask, 6, eos, tokenizer.pad_token_id, temperature,
+                                   torch.Generator().manual_seed(5))
+        T = new[0].shape[1]
+        # Same tokens and mask (the reference runs all 6 steps; the sampler may stop once all ended).
+        assert torch.equal(new[0], ref[0][:, :T]) and torch.equal(new[1], ref[1][:, :T])
+        assert ref[1][:, T:].sum() == 0
+        m = new[1]
+        assert torch.equal(new[2] * m, ref[2][:, :T] * m)  # log-probs bit for bit on response tokens
+        # One prefill and one pass per token but the last.
+        assert len(batch_sizes) == T and batch_sizes[0] == 32
+        dropped[temperature] = min(batch_sizes) < 32
+    hook.remove()
+    assert dropped[0.1], "rows that ended must leave the forward batch (and the test must make some end)"
+
+
+def test_entropy_of_the_sampler_is_that_of_its_distribution(tiny_model):
+    model, tokenizer = tiny_model
+    ids, mask = encode_prompts(tokenizer, ["1+2=", "40+59="], "cpu")
+    _, m, _, entropy = sample_with_logprobs(model, ids, mask, 1, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                            0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits[:, -1]
+    p = torch.softmax(logits / 0.5, -1)  # H = -Σ p log p of the tempered first-token distribution
+    assert torch.allclose(entropy[:, 0], -(p * p.log()).sum(-1), atol=1e-5)
+
+
+def test_one_log_softmax_gives_cross_entropy_values_and_gradient(tiny_model):
+    model, tokenizer = tiny_model
+    rollout = generate_rollout(model, tokenizer, ["1+2=", "7+7=", "40+59="], 4, 1.0, torch.Generator().manual_seed(0))
+    T = rollout.response_mask.shape[1]
+    logp, entropy = response_logprobs(model, rollout.input_ids, rollout.attention_mask, T, 0.7, with_entropy=True)
+    logp.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    # Reference: F.cross_entropy of the tempered logits, entropy from its own log-softmax.
+    logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                   position_ids=positions_from_mask(rollout.attention_mask)).logits[:, -T - 1:-1] / 0.7
+    ref = -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rollout.input_ids[:, -T:].reshape(-1),
+                           reduction="none").view(-1, T)
+    ref.sum().backward()
+    assert torch.allclose(logp, ref, atol=1e-6)
+    lp = torch.log_softmax(logits.detach(), -1)
+    assert torch.allclose(entropy, -(lp.exp() * lp).sum(-1), atol=1e-6)
+    assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(grads, model.parameters()))
+
+
+def test_chunked_old_logp_equals_one_forward_pass(tiny_model, cache_dir):
+    model, tokenizer = tiny_model
+    model.eval()
+    cfg = compose_train(small_overrides(cache_dir) + ["trainer.num_minibatches=4"])
+    routing = MoERouting(model)
+    ctx = StepContext(cfg, None, tokenizer, DistEnv(), torch.Generator(), routing)
+    prompts = [f"{a}+{a}=" for a in range(10)]  # N = 10: chunks of 2 rows, 5 forward passes
+    rollout = generate_rollout(model, tokenizer, prompts, 4, 1.0, torch.Generator().manual_seed(0))
+    T = rollout.response_mask.shape[1]
+    logp, entropy, routes = old_logprobs(model, rollout, ctx)
+    with torch.no_grad(), routing.capture() as whole_routes:
+        ref_logp, ref_entropy = response_logprobs(model, rollout.input_ids, rollout.attention_mask, T,
+                                                  with_entropy=True)
+    assert logp.shape == (10, T) and torch.allclose(logp, ref_logp, atol=1e-6)
+    assert torch.allclose(entropy, ref_entropy, atol=1e-6)
+    whole = routes_by_sequence(list(whole_routes), 10)  # per layer [N, L, k]
+    assert len(routes) == len(whole) and all(torch.equal(a, b) for a, b in zip(routes, whole))
+    routing.remove()
+
+
+def test_fused_adamw_is_on_when_asked_and_off_by_default_on_cpu(tmp_path, cache_dir):
+    for override, fused in (([], False), (["hardware.fused_adamw=true"], True)):
+        cfg = compose_train(small_overrides(cache_dir) + override)
+        _, _, _, state, _ = setup(cfg, tmp_path / str(fused), DistEnv(), print)
+        assert state.optimizer.defaults["fused"] is fused
