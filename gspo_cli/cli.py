@@ -27,6 +27,7 @@ commands:
   report   summary.csv, table and plots of a sweep: gspo report outputs/sweeps/NAME
   eval     greedy, mean@k, pass@k, maj@k:  gspo eval checkpoint=[outputs/A,outputs/B] eval.k=8
   plot     curves of finished runs:       gspo plot outputs/A outputs/B --out curves.png
+  ls       config groups and options:     gspo ls [algo]
   help     this message
 
 Config groups and their options: gspo train --help
@@ -175,8 +176,40 @@ def plot_command(args: list[str]) -> None:
     print(plot_runs(opts.run_dirs, opts.out, tuple(opts.metrics.split(","))))
 
 
+def config_menu(conf_dir: Path = CONF_DIR) -> dict[str, list[tuple[str, str]]]:
+    """Every config group with its options and the first comment line of each option's file."""
+    menu = {}
+    for group in sorted(p for p in conf_dir.iterdir() if p.is_dir()):
+        options = []
+        for path in sorted(group.glob("*.yaml")):
+            comments = [line.lstrip("# ").strip() for line in path.read_text().splitlines()
+                        if line.startswith("#") and not line.startswith("# @package")]
+            options.append((path.stem, comments[0] if comments else ""))
+        menu[group.name] = options
+    return menu
+
+
+def ls_command(args: list[str]) -> None:
+    """`gspo ls [GROUP]`: the config groups, their options and what each one is."""
+    from rich.console import Console
+    from rich.table import Table
+
+    menu = config_menu()
+    unknown = [g for g in args if g not in menu]
+    if unknown:
+        print(f"gspo ls: no config group {unknown[0]!r}; the groups are {', '.join(menu)}", file=sys.stderr)
+        sys.exit(2)
+    table = Table("group", "option", "what it is", show_lines=False)
+    for group, options in menu.items():
+        if args and group not in args:
+            continue
+        for i, (option, description) in enumerate(options):
+            table.add_row(group if i == 0 else "", option, description)
+    Console().print(table)
+
+
 HYDRA_COMMANDS = {"train": train_app, "eval": eval_app}
-PLAIN_COMMANDS = {"plot": plot_command, "sweep": sweep_command, "report": report_command}
+PLAIN_COMMANDS = {"plot": plot_command, "sweep": sweep_command, "report": report_command, "ls": ls_command}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -93,27 +93,24 @@ def sample_with_logprobs(
     `still_running(any_alive)` decides whether to continue; under FSDP every rank must run
     the same number of forward passes, so the trainer passes a function that asks all ranks.
 
-    Work the result does not need is skipped: no forward pass after the last token, and
-    sequences that have ended are dropped from the forward batch (and the KV cache) once
-    they are a quarter of it. Tokens are still drawn for all N rows from an [N, V] buffer
-    of each row's latest logits, so the generator advances exactly as without the dropping
-    and a seed gives the same responses.
+    No forward pass runs after the last token (its logits would never be used). Sequences
+    that have ended stay in the batch: a forward pass over fewer rows can round differently
+    in the last bit, and the sampled tokens must not depend on which other rows are still
+    running (tests/test_perf.py compares the tokens with a plain loop, bit for bit).
 
     Returns:
         (response_ids [N, T], response_mask [N, T], logp [N, T], entropy [N, T]); logp and
         entropy hold values at masked positions too, to be ignored.
     """
     N, P = prompt_ids.shape
-    kv_cache = DynamicCache()
-    cache = {_cache_kwarg(type(model)): kv_cache}
+    cache = {_cache_kwarg(type(model)): DynamicCache()}
     # The whole mask is allocated once and sliced, rather than grown by a copy every token.
     attention_mask = torch.cat([prompt_mask, prompt_mask.new_zeros(N, max_new_tokens)], dim=1)  # [N, P + T]
     positions = positions_from_mask(prompt_mask)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
                 use_cache=True, **cache, logits_to_keep=1)
-    logits = out.logits[:, -1].float()  # [N, V] each row's latest logits
-    rows = torch.arange(N, device=prompt_ids.device)  # rows of the batch still in the forward pass
-    positions = positions[:, -1]
+    logits = out.logits[:, -1].float()  # [N, V]
+    positions = positions[:, -1:]  # [N, 1]
     finished = torch.zeros(N, dtype=torch.bool, device=prompt_ids.device)
     tokens, alive, token_logps, entropies = [], [], [], []
     for t in range(max_new_tokens):
@@ -133,18 +130,10 @@ def sample_with_logprobs(
         attention_mask[:, P + t] = (~finished).to(attention_mask.dtype)
         if t == max_new_tokens - 1 or not still_running(not bool(finished.all())):
             break  # the logits a further forward pass would give are never used
-        if (~finished[rows]).sum() * 4 <= 3 * len(rows):  # a quarter has ended: drop those rows
-            keep = (~finished[rows]).nonzero().squeeze(1)
-            keep = keep if len(keep) else keep.new_zeros(1)  # one row keeps this rank in FSDP's lockstep
-            kv_cache.batch_select_indices(keep)
-            rows, positions = rows[keep], positions[keep]
         positions = positions + 1
-        out = model(input_ids=next_token[rows, None], attention_mask=attention_mask[rows, : P + t + 1],
-                    position_ids=positions[:, None], use_cache=True, **cache)
-        if len(rows) == N:
-            logits = out.logits[:, -1].float()
-        else:
-            logits[rows] = out.logits[:, -1].float()
+        out = model(input_ids=next_token[:, None], attention_mask=attention_mask[:, : P + t + 1],
+                    position_ids=positions, use_cache=True, **cache)
+        logits = out.logits[:, -1].float()
     return (torch.stack(tokens, dim=1), torch.stack(alive, dim=1).float(),
             torch.stack(token_logps, dim=1), torch.stack(entropies, dim=1))
 

@@ -42,3 +42,19 @@ def test_a_checkpoint_with_pickled_objects_is_refused(tmp_path):
     torch.save({"step": 1, "x": Evil()}, tmp_path / "checkpoints" / "step_1" / "trainer_state.pt")
     with pytest.raises(Exception, match="(?i)weights_only|unsupported"):
         load_trainer_state(tmp_path / "checkpoints" / "step_1")
+
+
+def test_a_write_interrupted_midway_leaves_the_previous_checkpoint_to_resume_from(tmp_path, tiny_model, monkeypatch):
+    model, tokenizer = tiny_model
+    save_checkpoint(tmp_path, 2, model, tokenizer, {"stream": {"epoch": 0, "index": 2}}, keep_last=2)
+
+    def killed(*args, **kwargs):  # the process dies after the weights, before the trainer state
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 4, model, tokenizer, {"stream": {"epoch": 0, "index": 4}}, keep_last=2)
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2"]
+    assert not (tmp_path / "checkpoints" / "step_4").exists()
+    assert load_trainer_state(latest_checkpoint(tmp_path))["stream"]["index"] == 2

@@ -46,14 +46,24 @@ def test_unknown_command_is_an_error():
 
 
 @pytest.mark.parametrize("override,expected", [
+    ("algo.clip_lwo=0.1", "clip_lwo"),  # unknown key (Hydra's message names it)
+    ("trainer.max_steps=many", "max_steps"),  # wrong type
     ("model.path=/no/such/model", "model.path=/no/such/model: no such directory"),
     ("trainer.num_minibatches=5", "does not split into trainer.num_minibatches=5"),
     ("+task.reward._target_=no_such_module.reward", "no_such_module"),
 ])
 def test_bad_input_is_one_line_without_traceback(override, expected, tmp_path, cache_dir):
     result = run_gspo("train", *small_overrides(cache_dir), "logger=none", f"hydra.run.dir={tmp_path}", override)
-    assert result.returncode == 1
+    assert result.returncode == 1, result.stderr[-2000:]
     assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_empty_data_file_is_a_clear_error(tmp_path, cache_dir):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("")
+    result = run_gspo("train", *small_overrides(cache_dir), "logger=none", f"hydra.run.dir={tmp_path / 'run'}",
+                      "task=gsm8k", f"task.path={data}")
+    assert result.returncode == 1 and str(data) in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 def test_malformed_data_file_names_its_line(tmp_path, cache_dir):
@@ -73,3 +83,16 @@ def test_two_processes_leave_one_run_directory_with_one_line_per_step(tmp_path, 
     assert [r["step"] for r in records] == [0, 1, 2]
     assert (run_dir / "config.yaml").exists() and (run_dir / "checkpoints" / "final" / "config.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_ls_lists_every_group_with_the_first_comment_of_each_option():
+    from gspo_cli.cli import CONF_DIR, config_menu
+
+    menu = config_menu()
+    assert {"model", "task", "algo", "hardware", "logger", "experiment", "sweep"} <= set(menu)
+    algos = dict(menu["algo"])
+    assert algos["gspo"].startswith("GSPO (arXiv 2507.18071")
+    assert set(algos) == {p.stem for p in (CONF_DIR / "algo").glob("*.yaml")}
+    result = run_gspo("ls", "algo")
+    assert result.returncode == 0 and "dr-grpo" in result.stdout
+    assert run_gspo("ls", "nope").returncode == 2

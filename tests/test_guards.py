@@ -58,3 +58,28 @@ def test_non_finite_updates_are_skipped_then_the_run_stops_with_a_checkpoint(tmp
     # Nothing was applied: the saved weights are finite and still the starting ones.
     for value in load_model(saved / "model").state_dict().values():
         assert torch.isfinite(value).all()
+
+
+def test_one_nan_minibatch_is_skipped_counted_and_training_goes_on(tmp_path, cache_dir, monkeypatch):
+    import json
+    import math
+
+    from conftest import compose_train
+    from gspo_cli import steps
+    from gspo_cli.train import train
+    from test_train import small_overrides
+
+    real, calls = steps.LOSSES["gspo"], {"n": 0}
+
+    def nan_once(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 2 else loss), metrics
+
+    monkeypatch.setitem(steps.LOSSES, "gspo", nan_once)
+    cfg = compose_train(small_overrides(cache_dir, steps=3) + ["logger=none"])
+    train(cfg, tmp_path)
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("faults/skipped_steps") for r in records] == [1, 0, 0, None]  # the last: final eval only
+    assert all(math.isfinite(r["grad_norm"]) or r["faults/skipped_steps"] for r in records[:3])
+    assert (tmp_path / "checkpoints" / "final" / "config.json").exists()

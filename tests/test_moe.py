@@ -143,3 +143,31 @@ def test_dense_model_reports_no_routing_and_refuses_replay(tmp_path, cache_dir):
     assert not any(k.startswith("routing/") for k in records[0])
     with pytest.raises(ValueError, match="dense"):
         run_small(tmp_path / "again", cache_dir, *dense, "algo.routing_replay=true")
+
+
+def test_unchanged_parameters_change_no_route_and_replay_gives_ratio_one(moe_and_batch):
+    model, ids, mask = moe_and_batch
+    routing = MoERouting(model)
+    with routing.capture() as first:
+        old_logp, _ = response_logprobs(model, ids, mask, 3)
+    first = routes_by_sequence(list(first), ids.shape[0])
+    with routing.capture() as second, routing.replay(select_rows(first, torch.arange(ids.shape[0]))):
+        logp, _ = response_logprobs(model, ids, mask, 3)
+    second = routes_by_sequence(list(second), ids.shape[0])
+    assert routing_metrics(second, first, mask.float())["routing/changed_fraction"] == 0.0
+    assert torch.equal(torch.exp(logp - old_logp), torch.ones_like(logp))  # ratio exactly 1
+
+
+def test_after_a_large_update_routes_change(moe_and_batch):
+    model, ids, mask = moe_and_batch
+    routing = MoERouting(model)
+    with routing.capture() as before:
+        model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
+    before = routes_by_sequence(list(before), ids.shape[0])
+    with torch.no_grad():
+        for router in routing.routers:
+            router.weight.add_(torch.randn_like(router.weight))
+    with routing.capture() as after:
+        model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
+    after = routes_by_sequence(list(after), ids.shape[0])
+    assert routing_metrics(after, before, mask.float())["routing/changed_fraction"] > 0.1
