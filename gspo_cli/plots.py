@@ -57,13 +57,22 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, metrics: tuple[str, .
             points = [(r["step"], r[name]) for r in records if name in r]
             if points:
                 ax.plot(*zip(*points), label=label, marker="o" if name.startswith("eval/") else None, markersize=3)
-    for ax, name in zip(axes[0], metrics):
+    return finish_figure(fig, axes[0], metrics, out)
+
+
+def finish_figure(fig, axes, metrics, out: str | Path, title: str | None = None, legend_size=None) -> Path:
+    """Title, axis labels and scales of each panel, then the PNG written to `out`."""
+    import matplotlib.pyplot as plt
+
+    for ax, name in zip(axes, metrics):
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if name in LOG_SCALE:
             ax.set_yscale("symlog", linthresh=1e-4)  # log scale that also shows steps with 0
-    axes[0][0].legend()
+    axes[0].legend(fontsize=legend_size)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -119,17 +128,4 @@ def plot_groups(groups: dict[str, list[list[dict]]], metrics: tuple[str, ...], o
             line, = ax.plot(steps, mean, label=f"{label} (n={len(runs)})",
                             marker="o" if name.startswith("eval/") else None, markersize=3)
             ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-        ax.set_title(name)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if name in LOG_SCALE:
-            ax.set_yscale("symlog", linthresh=1e-4)  # log scale that also shows steps with 0
-    axes[0][0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return finish_figure(fig, axes[0], metrics, out, title, legend_size=8)
