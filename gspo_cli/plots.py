@@ -38,7 +38,8 @@ def run_label(run_dir: Path, records: list[dict]) -> str:
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.load(config)
-        return f"{cfg.algo.name} (seed {cfg.seed})"
+        replay = " + routing replay" if cfg.algo.get("routing_replay") else ""
+        return f"{cfg.algo.name}{replay} (seed {cfg.seed})"
     return run_dir.name
 
 
