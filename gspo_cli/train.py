@@ -84,6 +84,13 @@ def check_config(cfg: TrainConfig, env: DistEnv) -> None:
         raise ValueError("algo.dynamic_sampling refills batches per rank; it runs in one process only for now")
 
 
+def resume_point(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:
+    """The checkpoint to continue from: the latest in the run directory (`resume=auto`), a given one, or None."""
+    if cfg.resume == "auto":
+        return latest_checkpoint(run_dir)
+    return Path(cfg.resume) if cfg.resume else None
+
+
 @dataclass
 class TrainState:
     """Everything a checkpoint holds besides the model weights."""
@@ -105,11 +112,11 @@ class TrainState:
 # ---------------------------------------------------------------------------- set-up
 
 
-def setup(cfg: TrainConfig, run_dir: Path, env: DistEnv, log) -> tuple[Any, Any, Task, TrainState, dict]:
+def setup(cfg: TrainConfig, run_dir: Path, env: DistEnv, log) -> tuple[Any, Any, Task, TrainState]:
     """Load task, model (from a checkpoint when resuming), optimizer and stream."""
     tc = cfg.trainer
     task = build_task(cfg.task)
-    resume_from = latest_checkpoint(run_dir) if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
+    resume_from = resume_point(cfg, run_dir)
     if cfg.resume and resume_from is None:
         log(f"resume=auto: no complete checkpoint in {run_dir}/checkpoints, starting from scratch")
     if env.is_main:  # rank 0 builds and warm-starts the shared cache; the others then find it there
@@ -129,7 +136,6 @@ def setup(cfg: TrainConfig, run_dir: Path, env: DistEnv, log) -> tuple[Any, Any,
     state = TrainState(optimizer, scheduler, PromptStream(task.train, cfg.seed), seed_everything(cfg.seed + env.rank))
     if env.device != "cpu":
         state.sampling_generator = torch.Generator(device=env.device).manual_seed(cfg.seed + env.rank)
-    saved: dict = {}
     if resume_from:
         saved = load_trainer_state(resume_from)
         if sharded:  # model and optimizer resharded onto this run's ranks by DCP
@@ -143,7 +149,7 @@ def setup(cfg: TrainConfig, run_dir: Path, env: DistEnv, log) -> tuple[Any, Any,
             state.sampling_generator.set_state(saved["sampling_rng"])
         state.step = saved["step"]
         log(f"resumed from {resume_from} at step {state.step}")
-    return policy, tokenizer, task, state, saved
+    return policy, tokenizer, task, state
 
 
 def make_context(cfg: TrainConfig, policy, tokenizer, task: Task, env: DistEnv, state: TrainState) -> StepContext:
@@ -188,16 +194,15 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         pitfall = aggregation_warning(cfg.algo.loss, cfg.algo.loss_agg)
         if pitfall:
             warnings.warn(pitfall, stacklevel=2)
-        resumed = latest_checkpoint(run_dir) if cfg.resume == "auto" else None
-        saved_id = load_trainer_state(resumed).get("wandb_id") if resumed else None
-        start_step = load_trainer_state(resumed)["step"] if resumed else 0
+        resumed = resume_point(cfg, run_dir)
+        saved = load_trainer_state(resumed) if resumed else {}  # to continue the same W&B run and log
         run_name = cfg.run_name or f"{cfg.algo.name}-{cfg.model.name}-s{cfg.seed}"
         plain_cfg = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
         with RunLogger(run_dir, cfg.logger, plain_cfg, run_name, total_steps=cfg.trainer.max_steps,
-                       enabled=env.is_main, resume_id=saved_id, start_step=start_step) as logger:
+                       enabled=env.is_main, resume_id=saved.get("wandb_id"), start_step=saved.get("step", 0)) as logger:
             if pitfall:
                 logger.print(f"warning: {pitfall}")
-            policy, tokenizer, task, state, _ = setup(cfg, run_dir, env, logger.print)
+            policy, tokenizer, task, state = setup(cfg, run_dir, env, logger.print)
             ctx = make_context(cfg, policy, tokenizer, task, env, state)
             return run_loop(cfg, run_dir, policy, ctx, state, logger)
     finally:
