@@ -119,9 +119,10 @@ def setup(cfg: TrainConfig, run_dir: Path, env: DistEnv, log) -> tuple[Any, Any,
     resume_from = resume_point(cfg, run_dir)
     if cfg.resume and resume_from is None:
         log(f"resume=auto: no complete checkpoint in {run_dir}/checkpoints, starting from scratch")
-    if env.is_main:  # rank 0 builds and warm-starts the shared cache; the others then find it there
-        resolve_model_path(cfg, task, log)
-    barrier(env)
+    if env.distributed:  # rank 0 builds and warm-starts the shared cache; the others then find it there
+        if env.is_main:
+            resolve_model_path(cfg, task, log)
+        barrier(env)
     sharded = resume_from is not None and is_sharded(resume_from)
     start_path = resolve_model_path(cfg, task, log)
     model_path = str(resume_from / "model") if resume_from and not sharded else start_path
