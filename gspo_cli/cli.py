@@ -11,6 +11,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -208,6 +209,37 @@ def ls_command(args: list[str]) -> None:
     Console().print(table)
 
 
+def unknown_key_message(args: list[str], schema: type = TrainConfig, conf_dir: Path = CONF_DIR) -> str | None:
+    """A message naming the valid keys (and the closest one) for an override of a key the schema lacks.
+
+    Hydra refuses such overrides too, but names only the bad key; this names the choices.
+    Group selections (`algo=grpo`), `+`/`~` overrides, Hydra's own keys and flags are left to Hydra.
+    """
+    import dataclasses
+    import difflib
+    import typing
+
+    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
+    for arg in args:
+        key = arg.split("=", 1)[0]
+        if "=" not in arg or arg.startswith(("-", "+", "~", "hydra")) or key in groups:
+            continue
+        node: Any = schema
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            hints = typing.get_type_hints(node)
+            if part not in hints:
+                where = ".".join(parts[:i]) or "the config"
+                close = difflib.get_close_matches(part, list(hints), n=1)
+                hint = f"; did you mean {'.'.join(parts[:i] + close)}?" if close else ""
+                return f"unknown key {key!r}{hint} Keys of {where}: {', '.join(sorted(hints))}"
+            inner = [t for t in (typing.get_args(hints[part]) or (hints[part],)) if dataclasses.is_dataclass(t)]
+            if not inner:  # a value (or a free-form dict such as algo.params): nothing below to check
+                break
+            node = inner[0]
+    return None
+
+
 HYDRA_COMMANDS = {"train": train_app, "eval": eval_app}
 PLAIN_COMMANDS = {"plot": plot_command, "sweep": sweep_command, "report": report_command, "ls": ls_command}
 
@@ -219,6 +251,10 @@ def main(argv: list[str] | None = None) -> None:
     if command in PLAIN_COMMANDS:
         PLAIN_COMMANDS[command](args)
     elif command in HYDRA_COMMANDS:
+        message = unknown_key_message(args) if command == "train" else None
+        if message:
+            print(f"gspo {command}: {message}", file=sys.stderr)
+            sys.exit(1)
         register_configs()
         sys.argv = [f"gspo {command}", *args]  # Hydra parses sys.argv
         HYDRA_COMMANDS[command]()

@@ -46,7 +46,7 @@ def test_unknown_command_is_an_error():
 
 
 @pytest.mark.parametrize("override,expected", [
-    ("algo.clip_lwo=0.1", "clip_lwo"),  # unknown key (Hydra's message names it)
+    ("algo.clip_lwo=0.1", "did you mean algo.clip_low? Keys of algo:"),  # unknown key: the valid ones
     ("trainer.max_steps=many", "max_steps"),  # wrong type
     ("model.path=/no/such/model", "model.path=/no/such/model: no such directory"),
     ("trainer.num_minibatches=5", "does not split into trainer.num_minibatches=5"),
