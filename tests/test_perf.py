@@ -130,5 +130,5 @@ def test_chunked_old_logp_equals_one_forward_pass(tiny_model, cache_dir):
 def test_fused_adamw_is_on_when_asked_and_off_by_default_on_cpu(tmp_path, cache_dir):
     for override, fused in (([], False), (["hardware.fused_adamw=true"], True)):
         cfg = compose_train(small_overrides(cache_dir) + override)
-        _, _, _, state, _ = setup(cfg, tmp_path / str(fused), DistEnv(), print)
+        _, _, _, state = setup(cfg, tmp_path / str(fused), DistEnv(), print)
         assert state.optimizer.defaults["fused"] is fused
