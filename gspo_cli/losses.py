@@ -50,11 +50,6 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
 
 
-def seq_mean_token_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Average over each sequence's tokens, then over sequences ([B, T] -> scalar)."""
-    return masked_mean(per_token, mask, dim=1).mean()
-
-
 def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """log s_i = (1/|y_i|) Σ_t (log π_θ − log π_old): the log of GSPO's length-normalised ratio.
 

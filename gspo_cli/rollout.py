@@ -45,33 +45,6 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], devic
 
 
 @torch.no_grad()
-def sample(
-    model: PreTrainedModel,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    max_new_tokens: int,
-    eos_token_id: int,
-    pad_token_id: int,
-    temperature: float = 1.0,
-    generator: Optional[torch.Generator] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample responses token by token with a KV cache; stop when every sequence has ended.
-
-    Args:
-        prompt_ids, prompt_mask: [N, P] left-padded prompts.
-        temperature: 0 for greedy decoding.
-        generator: torch generator for reproducible sampling.
-
-    Returns:
-        (response_ids [N, T], response_mask [N, T] float) with T ≤ max_new_tokens; the
-        end-of-sequence token is part of the response, padding after it is masked.
-    """
-    response_ids, response_mask, _, _ = sample_with_logprobs(
-        model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, temperature, generator)
-    return response_ids, response_mask
-
-
-@torch.no_grad()
 def sample_with_logprobs(
     model: PreTrainedModel,
     prompt_ids: torch.Tensor,
@@ -83,7 +56,8 @@ def sample_with_logprobs(
     generator: Optional[torch.Generator] = None,
     still_running: Callable[[bool], bool] = bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`sample`, also returning what the sampler saw: the log-probability of each sampled
+    """Sample responses token by token with a KV cache until every sequence has ended (temperature
+    0: greedy), returning also what the sampler saw: the log-probability of each sampled
     token and the entropy of the distribution it was drawn from (both under `temperature`;
     greedy decoding reports the untempered distribution).
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from gspo_cli.rollout import encode_prompts, generate_rollout, positions_from_mask, response_logprobs, sample
+from gspo_cli.rollout import encode_prompts, generate_rollout, positions_from_mask, response_logprobs, sample_with_logprobs
 
 
 def test_positions_skip_left_padding():
@@ -28,7 +28,8 @@ def test_scoring_matches_the_sampler(tiny_model):
     and the cached step-by-step logits must equal one full forward pass."""
     model, tokenizer = tiny_model
     ids, mask = encode_prompts(tokenizer, ["1+2=", "40+59=", "7+7="], "cpu")
-    response, response_mask = sample(model, ids, mask, 6, tokenizer.eos_token_id, tokenizer.pad_token_id, temperature=0.0)
+    response, response_mask, _, _ = sample_with_logprobs(model, ids, mask, 6, tokenizer.eos_token_id,
+                                                       tokenizer.pad_token_id, temperature=0.0)
     full_ids = torch.cat([ids, response], 1)
     full_mask = torch.cat([mask, response_mask.long()], 1)
     logp, entropy = response_logprobs(model, full_ids, full_mask, response.shape[1], with_entropy=True)
