@@ -76,6 +76,9 @@ class ModelConfig:
     """Parameter dtype when loading: float32, bfloat16 or float16."""
     trust_remote_code: bool = False
     """Passed to `from_pretrained` for checkpoints that ship their own modelling code."""
+    experts_implementation: str = "auto"
+    """How MoE experts run: `auto` (this tool's sorted per-expert kernel on CPU, transformers'
+    default elsewhere), `gspo_sorted`, or a transformers name: `grouped_mm`, `batched_mm`, `eager`."""
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     """Supervised warm start before RL (the local stand-in for a pretrained base)."""
 

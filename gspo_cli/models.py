@@ -31,6 +31,7 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
+from gspo_cli import experts
 from gspo_cli.config import ModelConfig, TinyModelSpec
 
 EOS_TOKEN = "<|endoftext|>"
@@ -157,15 +158,29 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
 
 
 def load_model(
-    path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False
+    path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
+    experts_implementation: str = "auto",
 ) -> PreTrainedModel:
-    """Load a causal LM with `from_pretrained` (hub id or local directory)."""
+    """Load a causal LM with `from_pretrained` (hub id or local directory); MoE models run
+    their experts with `experts_implementation` (see `gspo_cli.experts.choose`)."""
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
     )
+    implementation = experts.choose(experts_implementation, device)
+    if implementation is not None and _has_experts(model):
+        if implementation == experts.NAME and not experts.register():
+            raise ValueError(f"model.experts_implementation={experts.NAME} needs transformers >= 5")
+        model.set_experts_implementation(implementation)
     return model.to(device)
+
+
+def _has_experts(model: PreTrainedModel) -> bool:
+    """An MoE model whose experts transformers lets us choose an implementation for."""
+    config = model.config
+    return (bool(getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0))
+            and hasattr(model, "set_experts_implementation"))
 
 
 def count_parameters(model: torch.nn.Module) -> int:

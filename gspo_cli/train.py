@@ -126,7 +126,8 @@ def setup(cfg: TrainConfig, run_dir: Path, env: DistEnv, log) -> tuple[Any, Any,
     sharded = resume_from is not None and is_sharded(resume_from)
     start_path = resolve_model_path(cfg, task, log)
     model_path = str(resume_from / "model") if resume_from and not sharded else start_path
-    policy = load_model(model_path, cfg.model.dtype, env.device, cfg.model.trust_remote_code)
+    policy = load_model(model_path, cfg.model.dtype, env.device, cfg.model.trust_remote_code,
+                        cfg.model.experts_implementation)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     task = task.for_tokenizer(tokenizer)  # the chat template, when task.chat_template is set
     policy = wrap_model(policy, cfg.hardware.strategy, env, cfg.hardware.precision)
@@ -162,7 +163,8 @@ def make_context(cfg: TrainConfig, policy, tokenizer, task: Task, env: DistEnv, 
     ref_model = None
     if cfg.algo.kl_coef != 0:  # a frozen copy of the starting policy, loaded only when needed
         start = resolve_model_path(cfg, task, print)
-        ref_model = load_model(start, cfg.model.dtype, env.device, cfg.model.trust_remote_code)
+        ref_model = load_model(start, cfg.model.dtype, env.device, cfg.model.trust_remote_code,
+                               cfg.model.experts_implementation)
         ref_model.eval().requires_grad_(False)
     return StepContext(cfg, task, tokenizer, env, state.generator, routing, ref_model, state.sampling_generator)
 

@@ -13,7 +13,7 @@ from test_train import small_overrides
 from gspo_cli.dist import DistEnv
 from gspo_cli.moe import MoERouting, routes_by_sequence
 from gspo_cli.rollout import (DynamicCache, _cache_kwarg, encode_prompts, generate_rollout, positions_from_mask,
-                              response_logprobs, sample_with_logprobs)
+                              response_logprobs, sample_from_probs, sample_with_logprobs)
 from gspo_cli.steps import StepContext, old_logprobs
 from gspo_cli.train import setup
 
@@ -21,7 +21,8 @@ from gspo_cli.train import setup
 @torch.no_grad()
 def reference_sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, temperature,
                      generator):
-    """Token by token with a KV cache, every row in every forward pass, for all max_new_tokens."""
+    """Token by token with transformers' own growing KV cache, every row in every forward pass,
+    for all max_new_tokens."""
     cache = {_cache_kwarg(type(model)): DynamicCache()}
     mask, positions = prompt_mask, positions_from_mask(prompt_mask)
     out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache)
@@ -31,8 +32,7 @@ def reference_sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_i
         logits = out.logits[:, -1].float()
         scaled = logits / temperature if temperature > 0 else logits
         log_probs = torch.log_softmax(scaled, -1)
-        token = (torch.multinomial(torch.softmax(scaled, -1), 1, generator=generator).squeeze(1)
-                 if temperature > 0 else logits.argmax(-1))
+        token = sample_from_probs(torch.softmax(scaled, -1), generator) if temperature > 0 else logits.argmax(-1)
         logps.append(log_probs.gather(1, token[:, None]).squeeze(1))
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
@@ -132,3 +132,23 @@ def test_fused_adamw_is_on_when_asked_and_off_by_default_on_cpu(tmp_path, cache_
         cfg = compose_train(small_overrides(cache_dir) + override)
         _, _, _, state = setup(cfg, tmp_path / str(fused), DistEnv(), print)
         assert state.optimizer.defaults["fused"] is fused
+
+
+def test_inverse_cdf_sampling_draws_from_the_distribution():
+    """Frequencies of 200k draws match the probabilities (chi-square), zero-probability
+    tokens are never drawn, and a one-hot row always gives its token."""
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0], [0.1, 0.1, 0.1, 0.1, 0.6]])
+    draws = 40_000
+    tokens = sample_from_probs(probs.repeat_interleave(draws, 0), torch.Generator().manual_seed(0)).view(3, draws)
+    counts = F.one_hot(tokens, 5).sum(1).float()  # [3, V]
+    assert counts[0, 1] == 0 and counts[0, 4] == 0
+    assert (tokens[1] == 4).all()
+    for row in (0, 2):
+        support = probs[row] > 0
+        expected = probs[row][support] * draws
+        chi2 = ((counts[row][support] - expected) ** 2 / expected).sum().item()
+        assert chi2 < 20.0, chi2  # 4 or 3 degrees of freedom: p < 0.001 above ~18.5
+    # The same generator seed gives the same tokens; a different seed, different ones.
+    again = sample_from_probs(probs.repeat_interleave(draws, 0), torch.Generator().manual_seed(0)).view(3, draws)
+    other = sample_from_probs(probs.repeat_interleave(draws, 0), torch.Generator().manual_seed(1)).view(3, draws)
+    assert torch.equal(tokens, again) and not torch.equal(tokens[0], other[0])

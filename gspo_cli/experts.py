@@ -1,0 +1,149 @@
+"""A faster Mixture-of-Experts MLP for CPU training: tokens sorted by expert, one matmul per expert.
+
+transformers (≥ 5) lets a model choose how its experts run (`experts_implementation`);
+its CPU paths index, multiply and concatenate whole [tokens × k, width] tensors several
+times per layer, and the backward pass of their row gathers goes through a slow
+accumulating scatter. `sorted_experts_forward` sorts the (token, expert) pairs once and
+runs each expert's SwiGLU on its contiguous block inside one autograd function with a
+hand-written backward, so the elementwise work stays in cache-sized blocks; moving rows
+back and forth is a gather in both directions. On the benchmark model (16 experts, top-2,
+9,600 tokens) a forward and backward pass took 2.28 s against 2.98 s with `grouped_mm`
+(median of 5, `tests/test_experts.py` checks the numbers match).
+
+It is registered under the name `gspo_sorted`; `model.experts_implementation=auto` picks
+it on CPU and leaves transformers' choice (a fused grouped GEMM) on GPUs.
+
+Shapes: T tokens, k experts per token, S = T·k (token, expert) pairs, H model width,
+I expert width, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NAME = "gspo_sorted"
+
+
+class _PermuteRows(torch.autograd.Function):
+    """`x[order]` for a permutation `order` [S]; the gradient is a gather with its inverse."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """Expert e's `down_e(silu(gate_e x) * up_e x)` on its block of rows, for every expert.
+
+    Forward: x [S, H] sorted by expert, gate_up [E, 2I, H] (gate rows first), down [E, H, I],
+    counts: rows per expert (a list, summing to S). Returns [S, H].
+    Saves x and the [S, 2I] projections; the activation is recomputed in the backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        width = down.shape[2]
+        out = x.new_empty(x.shape[0], down.shape[1])
+        projections = x.new_empty(x.shape[0], 2 * width)
+        start = 0
+        for expert, rows in enumerate(counts):
+            if rows == 0:
+                continue
+            block = slice(start, start + rows)
+            gate_up_x = torch.mm(x[block], gate_up[expert].t(), out=projections[block])
+            hidden = F.silu(gate_up_x[:, :width]).mul_(gate_up_x[:, width:])
+            torch.mm(hidden, down[expert].t(), out=out[block])
+            start += rows
+        ctx.counts = counts
+        ctx.save_for_backward(x, gate_up, down, projections)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, gate_up, down, projections = ctx.saved_tensors
+        width = down.shape[2]
+        grad_out = grad_out.contiguous()
+        grad_x = torch.empty_like(x)
+        grad_gate_up, grad_down = torch.zeros_like(gate_up), torch.zeros_like(down)
+        start = 0
+        for expert, rows in enumerate(ctx.counts):
+            if rows == 0:
+                continue
+            block = slice(start, start + rows)
+            gate, up = projections[block, :width], projections[block, width:]
+            sig = torch.sigmoid(gate)
+            silu = gate * sig
+            torch.mm(grad_out[block].t(), silu * up, out=grad_down[expert])
+            grad_hidden = grad_out[block] @ down[expert]  # [rows, I]
+            grad_proj = torch.empty_like(projections[block])
+            torch.mul(grad_hidden * up, sig * (1 + gate * (1 - sig)), out=grad_proj[:, :width])  # silu'(g)
+            torch.mul(grad_hidden, silu, out=grad_proj[:, width:])
+            torch.mm(grad_proj.t(), x[block], out=grad_gate_up[expert])
+            torch.mm(grad_proj, gate_up[expert], out=grad_x[block])
+            start += rows
+        return grad_x, grad_gate_up, grad_down, None
+
+
+def supports(experts: nn.Module) -> bool:
+    """Whether `experts` has the layout this kernel computes: concatenated [gate; up] weights
+    stored [E, 2I, H], no biases, no post-expert norm, SiLU gate (Qwen3-MoE and its kin)."""
+    config = getattr(experts, "config", None)
+    return (getattr(experts, "has_gate", False) and getattr(experts, "is_concatenated", False)
+            and not getattr(experts, "is_transposed", True) and not getattr(experts, "has_bias", True)
+            and not getattr(experts, "has_post_expert_norm", True) and not getattr(experts, "_is_expert_parallel", True)
+            and getattr(config, "hidden_act", None) == "silu" and hasattr(experts, "gate_up_proj"))
+
+
+def sorted_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                           top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The experts' output [T, H] for hidden_states [T, H], chosen experts and weights [T, k].
+
+    Falls back to transformers' grouped GEMM for layouts it does not cover and under
+    autocast (its matmuls write into preallocated outputs, which autocast cannot cast).
+    """
+    if not supports(self) or torch.is_autocast_enabled(hidden_states.device.type):
+        from transformers.integrations.moe import grouped_mm_experts_forward
+
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    num_tokens, width = hidden_states.shape
+    k = top_k_index.shape[-1]
+    flat = top_k_index.reshape(-1)  # [S]: pair j is token j // k
+    order = torch.argsort(flat, stable=True)  # pairs grouped by expert
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+    pairs = hidden_states.unsqueeze(1).expand(num_tokens, k, width).reshape(-1, width)  # [S, H]
+    by_expert = _PermuteRows.apply(pairs, order, inverse)
+    outputs = _GroupedSwiGLU.apply(by_expert, self.gate_up_proj, self.down_proj, counts)
+    per_token = _PermuteRows.apply(outputs, inverse, order).view(num_tokens, k, width)
+    # Weighted sum over the k experts of each token: [T, 1, k] @ [T, k, H].
+    return torch.bmm(top_k_weights.unsqueeze(1).to(per_token.dtype), per_token).squeeze(1)
+
+
+def register() -> bool:
+    """Make `gspo_sorted` a valid `experts_implementation`; False on transformers without one."""
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+    except ImportError:
+        return False
+    ExpertsInterface.register(NAME, sorted_experts_forward)
+    return True
+
+
+def choose(requested: str, device: str) -> str | None:
+    """The implementation to set for `model.experts_implementation=requested` on `device`.
+
+    "auto" is this module's kernel on CPU (measured faster there) and None (keep
+    transformers' default) elsewhere; any other name is passed through.
+    """
+    if requested == "auto":
+        return NAME if torch.device(device).type == "cpu" else None
+    return requested
