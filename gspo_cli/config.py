@@ -148,8 +148,9 @@ class AlgoConfig:
     """Weight of the KL penalty to a frozen copy of the initial policy; 0 loads no reference."""
     kl_estimator: str = "k3"
     """Estimator of that KL: k1, k2 or k3."""
-    old_logp: str = "recompute"
-    """π_old from a forward pass of the rollout policy (recompute) or from the sampler (rollout)."""
+    old_logp: str = "auto"
+    """π_old from a forward pass of the rollout policy (recompute), from the sampler (rollout),
+    or auto: the sampler's numbers when they are the trainer's own (fp32, no tis_cap), else recompute."""
     tis_cap: Optional[float] = None
     """Truncated importance-sampling correction for the sampler/trainer gap (recompute only); unset: off."""
     dynamic_sampling: bool = False
@@ -216,8 +217,8 @@ class HardwareConfig:
     """Nodes (torchrun)."""
     num_threads: int = 0
     """CPU threads for torch (per process); 0 keeps torch's default (one per physical core)."""
-    fused_adamw: Optional[bool] = None
-    """AdamW's fused kernel; unset: on for CUDA, off on CPU (faster there too, but not bit-identical)."""
+    fused_adamw: bool = True
+    """AdamW's fused kernel (on CPU 5x faster than the foreach one for the same result up to rounding)."""
     strategy: str = "ddp"
     """Data parallelism with several processes: ddp, or fsdp (FSDP2 `fully_shard`)."""
     rdzv_endpoint: Optional[str] = None

@@ -55,6 +55,7 @@ class MoERouting:
     def __init__(self, model: nn.Module) -> None:
         self.routers = find_routers(model)
         self._captured: Optional[Routes] = None
+        self._recorded: Optional[list[list[torch.Tensor]]] = None
         self._forced: Optional[Routes] = None
         self._handles = [router.register_forward_hook(self._hook(layer))
                          for layer, router in enumerate(self.routers)]
@@ -69,6 +70,8 @@ class MoERouting:
             logits, weights, indices = output
             if self._captured is not None:
                 self._captured[layer] = indices.detach()
+            if self._recorded is not None:
+                self._recorded[layer].append(indices.detach())
             if self._forced is None:
                 return None
             forced = self._forced[layer]
@@ -92,6 +95,16 @@ class MoERouting:
             self._captured = None
 
     @contextlib.contextmanager
+    def record(self) -> Iterator[list[list[torch.Tensor]]]:
+        """Like `capture`, but keep every forward pass's indices, in order: per layer a list
+        (the sampler's prompt pass, then one [N, k] tensor per generated token)."""
+        self._recorded = [[] for _ in range(self.num_layers)]
+        try:
+            yield self._recorded
+        finally:
+            self._recorded = None
+
+    @contextlib.contextmanager
     def replay(self, routes: Routes) -> Iterator[None]:
         """Force the given expert indices in every layer during the forward passes inside."""
         if len(routes) != self.num_layers:
@@ -111,6 +124,24 @@ class MoERouting:
 def routes_by_sequence(routes: Routes, batch_size: int) -> Routes:
     """Reshape captured routes from [N·L, k] to [N, L, k] so rows can be selected per sequence."""
     return [r.view(batch_size, -1, r.shape[-1]) for r in routes]
+
+
+def sampler_routes(recorded: list[list[torch.Tensor]], num_seqs: int, num_response_tokens: int) -> Routes:
+    """Per layer [N, P + T, k] routes of the sampled sequences, from what the sampler's
+    forward passes recorded: the prompt pass ([N·P, k]) then one [N, k] per token fed back.
+
+    The last response token is never fed back (no forward pass runs after it), so its
+    column repeats the one before: it is an input whose output no log-probability uses,
+    which leaves the routing metrics and Routing Replay unaffected.
+    """
+    routes = []
+    for steps in recorded:
+        prompt, fed_back = steps[0].view(num_seqs, -1, steps[0].shape[-1]), [s.view(num_seqs, 1, -1) for s in steps[1:]]
+        if len(fed_back) != num_response_tokens - 1:
+            raise ValueError(f"expected {num_response_tokens - 1} recorded decoding steps, got {len(fed_back)}")
+        seen = torch.cat([prompt, *fed_back], dim=1)
+        routes.append(torch.cat([seen, seen[:, -1:]], dim=1))
+    return routes
 
 
 def select_rows(routes: Routes, rows: torch.Tensor) -> Routes:

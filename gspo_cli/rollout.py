@@ -8,12 +8,15 @@ sampling and scoring see the same positions and π_old computed here matches the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from typing import Callable, NamedTuple, Optional
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from gspo_cli.moe import MoERouting, sampler_routes
 
 try:  # the per-layer cache classes of transformers >= 4.56
     from transformers.cache_utils import DynamicLayer
@@ -30,6 +33,7 @@ class Rollout(NamedTuple):
     completions: list[str]  # N decoded responses, without the end-of-sequence token
     logp: Optional[torch.Tensor] = None  # [N, T] the sampler's log-probabilities of the sampled tokens
     entropy: Optional[torch.Tensor] = None  # [N, T] the sampler's entropy at each response position
+    routes: Optional[list[torch.Tensor]] = None  # per MoE layer [N, P + T, k] experts the sampler chose
 
 
 @functools.lru_cache(maxsize=None)
@@ -184,15 +188,23 @@ def generate_rollout(
     temperature: float,
     generator: Optional[torch.Generator] = None,
     still_running: Callable[[bool], bool] = bool,
+    routing: Optional[MoERouting] = None,
 ) -> Rollout:
-    """Sample one response per prompt (repeat prompts G times for groups) and decode them."""
+    """Sample one response per prompt (repeat prompts G times for groups) and decode them.
+
+    With `routing` (hooks on an MoE model's routers) the rollout also carries the experts
+    the sampler chose for every token: π_old's routes when its log-probabilities are used
+    as π_old (`algo.old_logp=rollout`).
+    """
     device = str(next(model.parameters()).device)
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
-    response_ids, response_mask, logp, entropy = sample_with_logprobs(
-        model, prompt_ids, prompt_mask, max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        temperature=temperature, generator=generator, still_running=still_running,
-    )
+    with routing.record() if routing else contextlib.nullcontext() as recorded:
+        response_ids, response_mask, logp, entropy = sample_with_logprobs(
+            model, prompt_ids, prompt_mask, max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            temperature=temperature, generator=generator, still_running=still_running,
+        )
+    routes = None if recorded is None else sampler_routes(recorded, len(prompts), response_ids.shape[1])
     return Rollout(
         input_ids=torch.cat([prompt_ids, response_ids], dim=1),
         attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
@@ -200,6 +212,7 @@ def generate_rollout(
         completions=decode_responses(tokenizer, response_ids, response_mask),
         logp=logp,
         entropy=entropy,
+        routes=routes,
     )
 
 

@@ -58,6 +58,23 @@ class Batch(NamedTuple):
     old_routes: Optional[Routes] = None  # per MoE layer [N, L, k] experts π_old chose
 
 
+def old_logp_source(cfg: TrainConfig) -> str:
+    """Where π_old comes from: "recompute" (a forward pass after sampling) or "rollout".
+
+    `algo.old_logp=auto` takes the sampler's own log-probabilities when they are the
+    trainer's numbers: the sampler is this very model, in float32, so a recomputation
+    would return them again (to ~1e-7 on CPU, `mismatch/logp_abs_diff` logs the gap) at
+    the cost of a forward pass over the whole batch. Under bf16 the KV-cache path of the
+    sampler rounds differently from the trainer's full pass, and `algo.tis_cap` exists to
+    correct that gap, so both recompute.
+    """
+    algo = cfg.algo
+    if algo.old_logp != "auto":
+        return algo.old_logp
+    same_numbers = cfg.hardware.precision == "fp32" and cfg.model.dtype == "float32"
+    return "rollout" if same_numbers and algo.tis_cap is None else "recompute"
+
+
 def sample_and_score(policy, ctx: StepContext, stream: PromptStream,
                      timings: dict[str, float]) -> tuple[Rollout, torch.Tensor]:
     """Sample G responses to this rank's share of the next `prompts_per_step` prompts; score them."""
@@ -67,8 +84,9 @@ def sample_and_score(policy, ctx: StepContext, stream: PromptStream,
     answers = [p.answer for p in problems for _ in range(tc.group_size)]
 
     start = time.perf_counter()
+    routing = ctx.routing if old_logp_source(ctx.cfg) == "rollout" else None  # the sampler's routes are π_old's
     rollout = generate_rollout(policy, ctx.tokenizer, prompts, tc.max_new_tokens, tc.temperature,
-                               ctx.sampling_generator or ctx.generator, ctx.still_running)
+                               ctx.sampling_generator or ctx.generator, ctx.still_running, routing)
     timings["time/generate_s"] = timings.get("time/generate_s", 0.0) + time.perf_counter() - start
 
     start = time.perf_counter()
@@ -131,16 +149,16 @@ def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Bat
     advantages = compute_advantages(shaped, tc.group_size, algo.adv_baseline, algo.adv_scale)
 
     start = time.perf_counter()
-    is_weights, old_routes = None, None
-    if algo.old_logp == "recompute":
+    is_weights = None
+    if old_logp_source(ctx.cfg) == "recompute":
         old_logp, entropy, old_routes = old_logprobs(sampler, rollout, ctx)
-        if old_routes is not None:
-            timings["routing/replay_cache_mb"] = routes_megabytes(old_routes)
         timings.update({k: v.item() for k, v in logp_mismatch(old_logp, rollout.logp, mask).items()})
         if algo.tis_cap is not None:
             is_weights = truncated_is_weights(old_logp, rollout.logp, algo.tis_cap)
     else:  # the sampler's numbers; the gap is measured on the first mini-batch (update_policy)
-        old_logp, entropy = rollout.logp, rollout.entropy
+        old_logp, entropy, old_routes = rollout.logp, rollout.entropy, rollout.routes
+    if old_routes is not None:
+        timings["routing/replay_cache_mb"] = routes_megabytes(old_routes)
     timings["time/old_logp_s"] = time.perf_counter() - start
 
     ref_logp = None
@@ -208,7 +226,7 @@ def update_policy(policy, optimizer, scheduler, batch: Batch, ctx: StepContext) 
     mismatch: dict[str, float] = {}
     for i, indices in enumerate(order.chunk(tc.num_minibatches)):
         logp, routing = minibatch_logprobs(policy, batch, indices, ctx)
-        if i == 0 and ctx.cfg.algo.old_logp == "rollout":  # no step taken yet: logp is the trainer's π_old
+        if i == 0 and old_logp_source(ctx.cfg) == "rollout":  # no step taken yet: logp is the trainer's π_old
             mask = rollout.response_mask[indices]
             mismatch = {k: v.item() for k, v in logp_mismatch(logp, rollout.logp[indices], mask).items()}
         loss, metrics = minibatch_loss(logp, batch, indices, ctx)

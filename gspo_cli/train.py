@@ -31,7 +31,8 @@ from gspo_cli.logs import RunLogger
 from gspo_cli.losses import LOSSES
 from gspo_cli.models import load_model, load_tokenizer
 from gspo_cli.moe import MoERouting, is_moe
-from gspo_cli.steps import StepContext, collect_rollout, mean_over_ranks, rollout_metrics, update_policy
+from gspo_cli.steps import (StepContext, collect_rollout, mean_over_ranks, old_logp_source, rollout_metrics,
+                            update_policy)
 from gspo_cli.tasks import PromptStream, Task, build_task
 from gspo_cli.warmstart import warm_started_dir
 
@@ -60,16 +61,13 @@ def check_config(cfg: TrainConfig, env: DistEnv) -> None:
     """Fail before any work on options that name none of their choices or do not fit together."""
     algo, tc = cfg.algo, cfg.trainer
     choices = {"loss": list(LOSSES), "loss_agg": AGGREGATIONS, "adv_baseline": BASELINES, "adv_scale": SCALES,
-               "kl_estimator": KL_ESTIMATORS, "old_logp": ("recompute", "rollout")}
+               "kl_estimator": KL_ESTIMATORS, "old_logp": ("auto", "recompute", "rollout")}
     for key, valid in choices.items():
         if getattr(algo, key) not in valid:
             raise ValueError(f"algo.{key}={getattr(algo, key)!r} is not one of {sorted(valid)}")
-    if algo.tis_cap is not None and algo.old_logp != "recompute":
+    if algo.tis_cap is not None and old_logp_source(cfg) != "recompute":
         raise ValueError("algo.tis_cap corrects π_old recomputed by the trainer for the sampler's "
                          "numbers: it needs algo.old_logp=recompute")
-    if algo.routing_replay and algo.old_logp != "recompute":
-        raise ValueError("algo.routing_replay replays the experts of the π_old forward pass: "
-                         "it needs algo.old_logp=recompute")
     if tc.prompts_per_step % env.world_size:
         raise ValueError(f"trainer.prompts_per_step={tc.prompts_per_step} does not split across {env.world_size} ranks")
     if (tc.prompts_per_step // env.world_size * tc.group_size) % tc.num_minibatches:
@@ -131,8 +129,8 @@ def setup(cfg: TrainConfig, run_dir: Path, env: DistEnv, log) -> tuple[Any, Any,
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     task = task.for_tokenizer(tokenizer)  # the chat template, when task.chat_template is set
     policy = wrap_model(policy, cfg.hardware.strategy, env, cfg.hardware.precision)
-    fused = cfg.hardware.fused_adamw if cfg.hardware.fused_adamw is not None else env.device.startswith("cuda")
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=fused)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+                                  fused=cfg.hardware.fused_adamw)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / tc.warmup_steps) if tc.warmup_steps else 1.0)
     state = TrainState(optimizer, scheduler, PromptStream(task.train, cfg.seed), seed_everything(cfg.seed + env.rank))

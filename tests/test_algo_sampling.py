@@ -17,7 +17,8 @@ def make_rollout(tag: int, n: int, P: int, T: int) -> Rollout:
     return Rollout(
         input_ids=torch.cat([prompt, response], 1), attention_mask=torch.ones(n, P + T, dtype=torch.long),
         response_mask=torch.ones(n, T), completions=[f"{tag}-{i}" for i in range(n)],
-        logp=torch.full((n, T), -float(tag)), entropy=torch.ones(n, T))
+        logp=torch.full((n, T), -float(tag)), entropy=torch.ones(n, T),
+        routes=[torch.full((n, P + T, 2), tag)])  # one MoE layer, top-2
 
 
 def test_informative_groups():
@@ -38,6 +39,12 @@ def test_concat_pads_prompts_left_and_responses_right():
     assert both.logp[2].tolist() == [-2.0, 0.0, 0.0]
     assert both.completions == ["1-0", "1-1", "2-0"]
     assert select_rows(both, torch.tensor([2])).completions == ["2-0"]
+    # Routes are padded like the tokens, with the valid experts (0, 1) on padding.
+    routes = both.routes[0]
+    assert routes.shape == (3, 7, 2)
+    assert routes[0, :, 0].tolist() == [0, 0, 1, 1, 1, 1, 1] and routes[0, :, 1].tolist() == [1, 1, 1, 1, 1, 1, 1]
+    assert routes[2, :, 0].tolist() == [2, 2, 2, 2, 2, 0, 0]
+    assert torch.equal(select_rows(both, torch.tensor([2])).routes[0], routes[2:3])
 
 
 def test_zero_variance_groups_are_dropped_and_refilled():

@@ -5,8 +5,10 @@ import math
 
 import pytest
 
+import gspo_cli.steps as steps
 import gspo_cli.train as train_module
 from conftest import compose_train
+from gspo_cli.steps import old_logp_source
 from gspo_cli.train import train
 from test_train import STEP_METRICS, small_overrides
 
@@ -49,7 +51,7 @@ def test_each_algo_trains_with_finite_metrics(algo, tmp_path, cache_dir):
     extra = {"dapo": ["sampling/informative_fraction", "sampling/refills", "reward/overlong_penalty"],
              "sapo": ["gate/weight_mean"], "gmpo": ["ratio/seq_mean"]}.get(algo, [])
     assert_finite(records, STEP_METRICS + ["loss", "eval/accuracy"] + extra)
-    assert_no_gap(records)  # recompute (the default): the gap is measured on every batch
+    assert_no_gap(records)  # measured on every batch
 
 
 def test_advantage_kl_and_tis_options_train(tmp_path, cache_dir, monkeypatch):
@@ -68,6 +70,28 @@ def test_rollout_log_probs_as_pi_old(tmp_path, cache_dir, monkeypatch):
     assert "kl/ref" not in records[0]
     assert_finite(records, STEP_METRICS + ["loss", "mismatch/logp_abs_diff", "mismatch/seq_ratio_max"])
     assert_no_gap(records)
+
+
+@pytest.mark.parametrize("overrides, source", [
+    ([], "rollout"),  # fp32: the sampler's numbers are the trainer's own
+    (["algo.old_logp=recompute"], "recompute"),
+    (["hardware.precision=bf16"], "recompute"),  # the KV-cache path rounds differently under bf16
+    (["model.dtype=bfloat16"], "recompute"),
+    (["algo.tis_cap=2.0"], "recompute"),  # TIS corrects a recomputed π_old
+    (["algo.old_logp=rollout", "hardware.precision=bf16"], "rollout"),  # an explicit choice stands
+])
+def test_auto_old_logp_uses_the_sampler_only_when_it_computes_like_the_trainer(cache_dir, overrides, source):
+    assert old_logp_source(compose_train(small_overrides(cache_dir) + overrides)) == source
+
+
+def test_auto_old_logp_skips_the_recomputation_and_measures_the_gap(tmp_path, cache_dir, monkeypatch):
+    def no_recomputation(*args, **kwargs):
+        raise AssertionError("algo.old_logp=auto recomputed π_old in float32")
+
+    monkeypatch.setattr(steps, "old_logprobs", no_recomputation)
+    records, _ = run(tmp_path, cache_dir, "gspo", monkeypatch=monkeypatch)
+    assert all(r["time/old_logp_s"] < 0.01 for r in records)
+    assert_no_gap(records)  # measured between the sampler and the first, on-policy mini-batch
 
 
 def test_sequence_ratio_with_token_sum_warns_once_and_trains(tmp_path, cache_dir):

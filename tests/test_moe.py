@@ -6,7 +6,7 @@ import torch
 from gspo_cli.models import build_char_tokenizer, build_tiny_model
 from gspo_cli.moe import (MoERouting, RoutingReplayUnsupported, changed_fraction, find_routers, routes_by_sequence,
                           routing_metrics, select_rows)
-from gspo_cli.rollout import encode_prompts, positions_from_mask, response_logprobs
+from gspo_cli.rollout import encode_prompts, generate_rollout, positions_from_mask, response_logprobs
 
 from conftest import TEST_SPEC
 
@@ -116,8 +116,9 @@ def run_small(tmp_path, cache_dir, *extra):
     return [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_training_logs_routing_drift_per_layer(tmp_path, cache_dir):
-    records = run_small(tmp_path, cache_dir)
+@pytest.mark.parametrize("old_logp", ["auto", "recompute"])  # auto: π_old's routes are the sampler's
+def test_training_logs_routing_drift_per_layer(tmp_path, cache_dir, old_logp):
+    records = run_small(tmp_path, cache_dir, f"algo.old_logp={old_logp}")
     for r in records[:2]:
         assert 0.0 <= r["routing/changed_fraction"] <= 1.0
         layers = [r[f"routing/changed_fraction/layer_{i}"] for i in range(TEST_SPEC.num_hidden_layers)]
@@ -171,3 +172,24 @@ def test_after_a_large_update_routes_change(moe_and_batch):
         model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
     after = routes_by_sequence(list(after), ids.shape[0])
     assert routing_metrics(after, before, mask.float())["routing/changed_fraction"] > 0.1
+
+
+def test_sampler_routes_are_those_of_a_full_forward_pass(tiny_model):
+    """The experts recorded while sampling (one token at a time, KV cache) are the experts a
+    forward pass over the finished sequences chooses, on every real token but the last."""
+    model, tokenizer = tiny_model
+    routing = MoERouting(model)
+    prompts = [f"{a}+{b}=" for a in (1, 23, 456) for b in (7, 89)]
+    rollout = generate_rollout(model, tokenizer, prompts, 6, 1.0, torch.Generator().manual_seed(0), routing=routing)
+    N, L = rollout.input_ids.shape
+    assert [tuple(r.shape) for r in rollout.routes] == [(N, L, TEST_SPEC.num_experts_per_tok)] * routing.num_layers
+    with torch.no_grad(), routing.capture() as full:
+        model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+              position_ids=positions_from_mask(rollout.attention_mask))
+    full = routes_by_sequence(list(full), N)
+    real = rollout.attention_mask.bool().clone()
+    real[:, -1] = False  # the last token is never fed back while sampling
+    assert real.sum() > N * 4
+    for sampled, forward in zip(rollout.routes, full):
+        assert torch.equal(sampled[real].sort(-1).values, forward[real].sort(-1).values)
+        assert torch.equal(sampled[:, -1], sampled[:, -2])  # the unseen last column repeats the one before

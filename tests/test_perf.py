@@ -127,8 +127,8 @@ def test_chunked_old_logp_equals_one_forward_pass(tiny_model, cache_dir):
     routing.remove()
 
 
-def test_fused_adamw_is_on_when_asked_and_off_by_default_on_cpu(tmp_path, cache_dir):
-    for override, fused in (([], False), (["hardware.fused_adamw=true"], True)):
+def test_fused_adamw_is_the_default_and_can_be_turned_off(tmp_path, cache_dir):
+    for override, fused in (([], True), (["hardware.fused_adamw=false"], False)):
         cfg = compose_train(small_overrides(cache_dir) + override)
         _, _, _, state = setup(cfg, tmp_path / str(fused), DistEnv(), print)
         assert state.optimizer.defaults["fused"] is fused
