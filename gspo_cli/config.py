@@ -78,7 +78,8 @@ class ModelConfig:
     """Passed to `from_pretrained` for checkpoints that ship their own modelling code."""
     experts_implementation: str = "auto"
     """How MoE experts run: `auto` (this tool's sorted per-expert kernel on CPU, transformers'
-    default elsewhere), `gspo_sorted`, or a transformers name: `grouped_mm`, `batched_mm`, `eager`."""
+    choice elsewhere), `default` (transformers' choice), `gspo_sorted`, or a transformers name:
+    `grouped_mm`, `batched_mm`, `eager`."""
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     """Supervised warm start before RL (the local stand-in for a pretrained base)."""
 

@@ -45,7 +45,8 @@ class _GroupedSwiGLU(torch.autograd.Function):
 
     Forward: x [S, H] sorted by expert, gate_up [E, 2I, H] (gate rows first), down [E, H, I],
     counts: rows per expert (a list, summing to S). Returns [S, H].
-    Saves x and the [S, 2I] projections; the activation is recomputed in the backward pass.
+    Saves x, the [S, 2I] projections and the [S, I] activations, so that the backward pass
+    needs three elementwise kernels per block (one of them aten's fused `silu_backward`).
     """
 
     @staticmethod
@@ -53,41 +54,41 @@ class _GroupedSwiGLU(torch.autograd.Function):
         width = down.shape[2]
         out = x.new_empty(x.shape[0], down.shape[1])
         projections = x.new_empty(x.shape[0], 2 * width)
+        hidden = x.new_empty(x.shape[0], width)
         start = 0
         for expert, rows in enumerate(counts):
             if rows == 0:
                 continue
             block = slice(start, start + rows)
             gate_up_x = torch.mm(x[block], gate_up[expert].t(), out=projections[block])
-            hidden = F.silu(gate_up_x[:, :width]).mul_(gate_up_x[:, width:])
-            torch.mm(hidden, down[expert].t(), out=out[block])
+            torch.mul(F.silu(gate_up_x[:, :width]), gate_up_x[:, width:], out=hidden[block])
+            torch.mm(hidden[block], down[expert].t(), out=out[block])
             start += rows
         ctx.counts = counts
-        ctx.save_for_backward(x, gate_up, down, projections)
+        ctx.save_for_backward(x, gate_up, down, projections, hidden)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, gate_up, down, projections = ctx.saved_tensors
+        x, gate_up, down, projections, hidden = ctx.saved_tensors
         width = down.shape[2]
         grad_out = grad_out.contiguous()
         grad_x = torch.empty_like(x)
         grad_gate_up, grad_down = torch.zeros_like(gate_up), torch.zeros_like(down)
+        grad_proj = torch.empty_like(projections)
         start = 0
         for expert, rows in enumerate(ctx.counts):
             if rows == 0:
                 continue
             block = slice(start, start + rows)
             gate, up = projections[block, :width], projections[block, width:]
-            sig = torch.sigmoid(gate)
-            silu = gate * sig
-            torch.mm(grad_out[block].t(), silu * up, out=grad_down[expert])
+            torch.mm(grad_out[block].t(), hidden[block], out=grad_down[expert])
             grad_hidden = grad_out[block] @ down[expert]  # [rows, I]
-            grad_proj = torch.empty_like(projections[block])
-            torch.mul(grad_hidden * up, sig * (1 + gate * (1 - sig)), out=grad_proj[:, :width])  # silu'(g)
-            torch.mul(grad_hidden, silu, out=grad_proj[:, width:])
-            torch.mm(grad_proj.t(), x[block], out=grad_gate_up[expert])
-            torch.mm(grad_proj, gate_up[expert], out=grad_x[block])
+            # d/d gate of silu(gate)·up is up·silu'(gate); d/d up is silu(gate).
+            torch.ops.aten.silu_backward(grad_hidden * up, gate, grad_input=grad_proj[block, :width])
+            torch.mul(grad_hidden, F.silu(gate), out=grad_proj[block, width:])
+            torch.mm(grad_proj[block].t(), x[block], out=grad_gate_up[expert])
+            torch.mm(grad_proj[block], gate_up[expert], out=grad_x[block])
             start += rows
         return grad_x, grad_gate_up, grad_down, None
 
@@ -142,8 +143,10 @@ def choose(requested: str, device: str) -> str | None:
     """The implementation to set for `model.experts_implementation=requested` on `device`.
 
     "auto" is this module's kernel on CPU (measured faster there) and None (keep
-    transformers' default) elsewhere; any other name is passed through.
+    transformers' default) elsewhere; "default" is always None; any other name is passed through.
     """
+    if requested == "default":
+        return None
     if requested == "auto":
         return NAME if torch.device(device).type == "cpu" else None
     return requested

@@ -11,7 +11,7 @@ import contextlib
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -54,8 +54,10 @@ class Batch(NamedTuple):
     old_logp: torch.Tensor  # [N, T] log π_old of the sampled tokens
     entropy: torch.Tensor  # [N, T] entropy of π_old at each response position
     ref_logp: Optional[torch.Tensor] = None  # [N, T] log π_ref, only when algo.kl_coef != 0
-    is_weights: Optional[torch.Tensor] = None  # [N, T] truncated IS weights, only with algo.tis_cap
     old_routes: Optional[Routes] = None  # per MoE layer [N, L, k] experts π_old chose
+    order: Optional[torch.Tensor] = None  # [N] rows in mini-batch order (None: drawn by update_policy)
+    first_minibatch_is_old: bool = False  # old_logp/old_routes of order's first mini-batch are filled
+    # by that mini-batch's own forward pass, which runs before any optimizer step: it *is* π_old
 
 
 def old_logp_source(cfg: TrainConfig) -> str:
@@ -99,26 +101,31 @@ def sample_and_score(policy, ctx: StepContext, stream: PromptStream,
     return rollout, rewards
 
 
-def old_logprobs(sampler, rollout: Rollout, ctx: StepContext
-                 ) -> tuple[torch.Tensor, torch.Tensor, Optional[Routes]]:
-    """log π_old and its entropy [N, T] (and the experts it chose, per layer [N, L, k]),
-    computed a mini-batch of rows at a time: peak memory is one mini-batch's logits, not the
-    whole batch's. Rows do not interact in the forward pass, so the values are the same."""
+def old_logprobs(sampler, rollout: Rollout, ctx: StepContext, minibatches: Sequence[torch.Tensor]
+                 ) -> tuple[torch.Tensor, Optional[Routes]]:
+    """log π_old [N, T] of the rows of `minibatches` (and the experts π_old chose, per layer
+    [N, L, k]), one mini-batch at a time: peak memory is one mini-batch's logits, and rows do
+    not interact in the forward pass, so the values are those of one pass over the batch.
+    Rows in none of `minibatches` are left NaN (and their routes 0) for the caller to fill."""
     T, num_seqs = rollout.response_mask.shape[1], rollout.input_ids.shape[0]
-    chunk = max(1, num_seqs // ctx.cfg.trainer.num_minibatches)
-    logps, entropies, chunk_routes = [], [], []
-    for start in range(0, num_seqs, chunk):
-        rows = slice(start, start + chunk)  # a view, no copy
+    old_logp = torch.full((num_seqs, T), float("nan"), device=rollout.input_ids.device)
+    old_routes: Optional[Routes] = None
+    for rows in minibatches:
         capture = ctx.routing.capture() if ctx.routing else contextlib.nullcontext()
         with torch.no_grad(), capture as routes:
-            logp, entropy = response_logprobs(sampler, rollout.input_ids[rows], rollout.attention_mask[rows], T,
-                                              ctx.cfg.trainer.temperature, with_entropy=True)
-        logps.append(logp)
-        entropies.append(entropy)
+            old_logp[rows], _ = response_logprobs(sampler, rollout.input_ids[rows], rollout.attention_mask[rows], T,
+                                                  ctx.cfg.trainer.temperature)
         if routes is not None:
-            chunk_routes.append(routes_by_sequence(list(routes), logp.shape[0]))
-    old_routes = [torch.cat(layer) for layer in zip(*chunk_routes)] if chunk_routes else None
-    return torch.cat(logps), torch.cat(entropies), old_routes
+            by_seq = routes_by_sequence(list(routes), len(rows))  # per layer [n, L, k]
+            if old_routes is None:
+                old_routes = [r.new_zeros(num_seqs, *r.shape[1:]) for r in by_seq]
+            for layer, chosen in zip(old_routes, by_seq):
+                layer[rows] = chosen
+    if ctx.routing is not None and old_routes is None:  # nothing recomputed: filled by the first mini-batch
+        L, k = rollout.input_ids.shape[1], ctx.routing.routers[0].top_k
+        old_routes = [torch.zeros(num_seqs, L, k, dtype=torch.long, device=old_logp.device)
+                      for _ in range(ctx.routing.num_layers)]
+    return old_logp, old_routes
 
 
 def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Batch, dict[str, float]]:
@@ -149,14 +156,12 @@ def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Bat
     advantages = compute_advantages(shaped, tc.group_size, algo.adv_baseline, algo.adv_scale)
 
     start = time.perf_counter()
-    is_weights = None
-    if old_logp_source(ctx.cfg) == "recompute":
-        old_logp, entropy, old_routes = old_logprobs(sampler, rollout, ctx)
-        timings.update({k: v.item() for k, v in logp_mismatch(old_logp, rollout.logp, mask).items()})
-        if algo.tis_cap is not None:
-            is_weights = truncated_is_weights(old_logp, rollout.logp, algo.tis_cap)
+    order = torch.randperm(mask.shape[0], generator=ctx.generator)  # the mini-batches of update_policy
+    recompute = old_logp_source(ctx.cfg) == "recompute"
+    if recompute:  # all but the first mini-batch, whose own forward pass gives π_old (no step before it)
+        old_logp, old_routes = old_logprobs(sampler, rollout, ctx, order.chunk(tc.num_minibatches)[1:])
     else:  # the sampler's numbers; the gap is measured on the first mini-batch (update_policy)
-        old_logp, entropy, old_routes = rollout.logp, rollout.entropy, rollout.routes
+        old_logp, old_routes = rollout.logp, rollout.routes
     if old_routes is not None:
         timings["routing/replay_cache_mb"] = routes_megabytes(old_routes)
     timings["time/old_logp_s"] = time.perf_counter() - start
@@ -167,7 +172,9 @@ def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Bat
             ref_logp, _ = response_logprobs(ctx.ref_model, rollout.input_ids, rollout.attention_mask,
                                             mask.shape[1], tc.temperature)
     sampler.train()
-    return Batch(rollout, rewards, advantages, old_logp, entropy, ref_logp, is_weights, old_routes), timings
+    # π_old's entropy is the sampler's: the same distribution, and no further pass is needed for it.
+    return Batch(rollout, rewards, advantages, old_logp, rollout.entropy, ref_logp, old_routes, order,
+                 first_minibatch_is_old=recompute), timings
 
 
 def minibatch_loss(logp: torch.Tensor, batch: Batch, indices: torch.Tensor, ctx: StepContext
@@ -181,7 +188,8 @@ def minibatch_loss(logp: torch.Tensor, batch: Batch, indices: torch.Tensor, ctx:
     counts = all_reduce_sum(torch.tensor([mask.sum().item(), float(mask.shape[0])]), ctx.env)
     agg = dict(loss_agg=algo.loss_agg, horizon=ctx.cfg.trainer.max_new_tokens,  # Dr. GRPO's constant
                num_tokens=counts[0].item(), num_seqs=counts[1].item(), num_shards=ctx.env.world_size)
-    is_weights = None if batch.is_weights is None else batch.is_weights[indices]
+    is_weights = None if algo.tis_cap is None else \
+        truncated_is_weights(batch.old_logp[indices], batch.rollout.logp[indices], algo.tis_cap)
     loss, metrics = LOSSES[algo.loss](
         logp, batch.old_logp[indices], batch.advantages[indices], mask,
         clip_low=algo.clip_low, clip_high=algo.clip_high, is_weights=is_weights, **agg, **algo.params)
@@ -193,42 +201,55 @@ def minibatch_loss(logp: torch.Tensor, batch: Batch, indices: torch.Tensor, ctx:
     return loss, metrics
 
 
-def minibatch_logprobs(policy, batch: Batch, indices: torch.Tensor, ctx: StepContext
+def minibatch_logprobs(policy, batch: Batch, indices: torch.Tensor, ctx: StepContext, fill_old: bool = False
                        ) -> tuple[torch.Tensor, dict[str, float]]:
-    """log π_θ of a mini-batch's responses, with the routing metrics (and replay) of MoE models."""
+    """log π_θ of a mini-batch's responses, with the routing metrics (and replay) of MoE models.
+
+    `fill_old`: this pass runs before any optimizer step, so it is π_old; its experts become
+    the mini-batch's old routes (nothing to replay, nothing changed).
+    """
     rollout, T = batch.rollout, batch.rollout.response_mask.shape[1]
     if ctx.routing is None or batch.old_routes is None:
         logp, _ = response_logprobs(policy, rollout.input_ids[indices], rollout.attention_mask[indices], T,
                                     ctx.cfg.trainer.temperature)
         return logp, {}
-    old = [r[indices] for r in batch.old_routes]
-    replay = ctx.routing.replay(select_rows(batch.old_routes, indices)) if ctx.cfg.algo.routing_replay \
-        else contextlib.nullcontext()
+    replay = ctx.routing.replay(select_rows(batch.old_routes, indices)) \
+        if ctx.cfg.algo.routing_replay and not fill_old else contextlib.nullcontext()
     with ctx.routing.capture() as routes, replay:
         logp, _ = response_logprobs(policy, rollout.input_ids[indices], rollout.attention_mask[indices], T,
                                     ctx.cfg.trainer.temperature)
     current = routes_by_sequence(list(routes), len(indices))
+    if fill_old:
+        for layer, chosen in zip(batch.old_routes, current):
+            layer[indices] = chosen
     response_tokens = torch.zeros(rollout.attention_mask[indices].shape, device=logp.device)  # [n, L] responses
     response_tokens[:, -T:] = rollout.response_mask[indices]
-    return logp, routing_metrics(current, old, response_tokens)
+    return logp, routing_metrics(current, [r[indices] for r in batch.old_routes], response_tokens)
 
 
 def update_policy(policy, optimizer, scheduler, batch: Batch, ctx: StepContext) -> dict[str, float]:
     """Split the batch into mini-batches, one optimizer step each; average their metrics.
 
-    A mini-batch whose loss or gradient is not finite is skipped (no optimizer step) and
-    counted in `faults/skipped_steps`.
+    The first mini-batch is on-policy (no step taken yet): its forward pass gives the
+    trainer's π_old, which is compared with the sampler's numbers (`mismatch/*`) and, when
+    π_old is recomputed, fills that mini-batch's π_old. A mini-batch whose loss or gradient
+    is not finite is skipped (no optimizer step) and counted in `faults/skipped_steps`.
     """
     tc = ctx.cfg.trainer
     rollout, num_seqs = batch.rollout, batch.rewards.numel()
-    order = torch.randperm(num_seqs, generator=ctx.generator)
+    order = batch.order if batch.order is not None else torch.randperm(num_seqs, generator=ctx.generator)
     sums: dict[str, float] = {"faults/skipped_steps": 0.0}
     mismatch: dict[str, float] = {}
     for i, indices in enumerate(order.chunk(tc.num_minibatches)):
-        logp, routing = minibatch_logprobs(policy, batch, indices, ctx)
-        if i == 0 and old_logp_source(ctx.cfg) == "rollout":  # no step taken yet: logp is the trainer's π_old
-            mask = rollout.response_mask[indices]
-            mismatch = {k: v.item() for k, v in logp_mismatch(logp, rollout.logp[indices], mask).items()}
+        fill_old = i == 0 and batch.first_minibatch_is_old
+        logp, routing = minibatch_logprobs(policy, batch, indices, ctx, fill_old)
+        if fill_old:
+            batch.old_logp[indices] = logp.detach()
+        if i == 0:  # the trainer's π_old: of every row once filled, else of this mini-batch
+            rows = slice(None) if batch.first_minibatch_is_old else indices
+            trainer_logp = batch.old_logp[rows] if batch.first_minibatch_is_old else logp.detach()
+            mismatch = {k: v.item() for k, v in
+                        logp_mismatch(trainer_logp, rollout.logp[rows], rollout.response_mask[rows]).items()}
         loss, metrics = minibatch_loss(logp, batch, indices, ctx)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -65,6 +65,7 @@ def test_auto_picks_the_kernel_on_cpu_only_and_checkpoints_do_not_carry_it(tiny_
     assert experts.choose("auto", "cpu") == experts.NAME
     assert experts.choose("auto", "cuda:0") is None  # transformers' grouped GEMM on GPUs
     assert experts.choose("eager", "cuda") == "eager"
+    assert experts.choose("default", "cpu") is None
     model = load_model(tiny_model_dir)  # model.experts_implementation defaults to auto
     assert _has_experts(model) and model.config._experts_implementation == experts.NAME
     model.save_pretrained(tmp_path)

@@ -107,24 +107,52 @@ def test_one_log_softmax_gives_cross_entropy_values_and_gradient(tiny_model):
     assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(grads, model.parameters()))
 
 
-def test_chunked_old_logp_equals_one_forward_pass(tiny_model, cache_dir):
+def test_old_logp_by_minibatch_equals_one_forward_pass_and_leaves_the_first_to_fill(tiny_model, cache_dir):
     model, tokenizer = tiny_model
     model.eval()
     cfg = compose_train(small_overrides(cache_dir) + ["trainer.num_minibatches=4"])
     routing = MoERouting(model)
     ctx = StepContext(cfg, None, tokenizer, DistEnv(), torch.Generator(), routing)
-    prompts = [f"{a}+{a}=" for a in range(10)]  # N = 10: chunks of 2 rows, 5 forward passes
+    prompts = [f"{a}+{a}=" for a in range(12)]  # N = 12: 4 mini-batches of 3 rows
     rollout = generate_rollout(model, tokenizer, prompts, 4, 1.0, torch.Generator().manual_seed(0))
     T = rollout.response_mask.shape[1]
-    logp, entropy, routes = old_logprobs(model, rollout, ctx)
+    minibatches = torch.randperm(12, generator=torch.Generator().manual_seed(0)).chunk(4)
+    logp, routes = old_logprobs(model, rollout, ctx, minibatches[1:])  # 3 forward passes
     with torch.no_grad(), routing.capture() as whole_routes:
-        ref_logp, ref_entropy = response_logprobs(model, rollout.input_ids, rollout.attention_mask, T,
-                                                  with_entropy=True)
-    assert logp.shape == (10, T) and torch.allclose(logp, ref_logp, atol=1e-6)
-    assert torch.allclose(entropy, ref_entropy, atol=1e-6)
-    whole = routes_by_sequence(list(whole_routes), 10)  # per layer [N, L, k]
-    assert len(routes) == len(whole) and all(torch.equal(a, b) for a, b in zip(routes, whole))
+        ref_logp, _ = response_logprobs(model, rollout.input_ids, rollout.attention_mask, T)
+    whole = routes_by_sequence(list(whole_routes), 12)  # per layer [N, L, k]
+    done, pending = torch.cat(minibatches[1:]), minibatches[0]
+    assert logp.shape == (12, T) and torch.allclose(logp[done], ref_logp[done], atol=1e-6)
+    assert torch.isnan(logp[pending]).all()  # filled by the first mini-batch's own forward pass
+    assert len(routes) == len(whole) and all(torch.equal(a[done], b[done]) for a, b in zip(routes, whole))
     routing.remove()
+
+
+def test_first_minibatch_gives_pi_old_so_recompute_runs_one_pass_fewer(tmp_path, cache_dir, monkeypatch):
+    """algo.old_logp=recompute with 2 mini-batches: one π_old pass (the second mini-batch),
+    the first mini-batch's ratio is exactly 1, and every row ends with a finite π_old."""
+    import gspo_cli.steps as steps
+    from gspo_cli.train import make_context
+
+    cfg = compose_train(small_overrides(cache_dir) + ["algo.old_logp=recompute", "trainer.num_minibatches=2"])
+    policy, tokenizer, task, state = setup(cfg, tmp_path, DistEnv(), print)
+    ctx = make_context(cfg, policy, tokenizer, task, DistEnv(), state)
+    passes = []
+    original = steps.response_logprobs
+    monkeypatch.setattr(steps, "response_logprobs", lambda *a, **k: passes.append(torch.is_grad_enabled())
+                        or original(*a, **k))
+    batch, _ = steps.collect_rollout(policy, ctx, state.stream)
+    assert passes == [False]  # π_old of the second mini-batch only
+    first = batch.order.chunk(2)[0]
+    assert torch.isnan(batch.old_logp[first]).all() and torch.isfinite(batch.old_logp[batch.order.chunk(2)[1]]).all()
+    ratios, original_loss = [], steps.minibatch_loss
+    monkeypatch.setattr(steps, "minibatch_loss", lambda logp, b, idx, c: ratios.append(
+        torch.exp(logp.detach() - b.old_logp[idx])) or original_loss(logp, b, idx, c))
+    metrics = steps.update_policy(policy, state.optimizer, state.scheduler, batch, ctx)
+    assert torch.equal(ratios[0], torch.ones_like(ratios[0]))  # on-policy: π_old is this very pass
+    assert torch.isfinite(batch.old_logp).all()
+    assert metrics["mismatch/logp_abs_diff"] < 1e-4  # every row's trainer π_old against the sampler's
+    assert len(ratios) == 2 and not torch.equal(ratios[1], torch.ones_like(ratios[1]))  # after a step
 
 
 def test_fused_adamw_is_the_default_and_can_be_turned_off(tmp_path, cache_dir):
