@@ -5,7 +5,8 @@ Settings that make TRL run what `gspo train algo=gspo` runs:
 - `epsilon=3e-4`, `epsilon_high=4e-4`: the paper's clip ranges (§5.1), as `algo=gspo`.
 - `steps_per_generation=num_minibatches`, `gradient_accumulation_steps=1`: one rollout batch
   feeds 4 optimizer steps of `N / 4` sequences each. Generation and optimisation are then
-  misaligned, so TRL recomputes π_old after sampling, as this project does.
+  misaligned, so TRL recomputes π_old after sampling. This project takes its sampler's own
+  log-probabilities as π_old in float32 (`algo.old_logp=auto`): the same numbers up to rounding.
 - `loss_type="grpo"`: the per-sequence mean over tokens, then the mean over sequences.
   With a sequence-level ratio every token of a sequence carries the same term, so this is
   exactly GSPO's mean over sequences (this project's `seq-mean-token-mean`).

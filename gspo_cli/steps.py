@@ -222,9 +222,11 @@ def minibatch_logprobs(policy, batch: Batch, indices: torch.Tensor, ctx: StepCon
     if fill_old:
         for layer, chosen in zip(batch.old_routes, current):
             layer[indices] = chosen
-    response_tokens = torch.zeros(rollout.attention_mask[indices].shape, device=logp.device)  # [n, L] responses
-    response_tokens[:, -T:] = rollout.response_mask[indices]
-    return logp, routing_metrics(current, [r[indices] for r in batch.old_routes], response_tokens)
+    # The tokens whose outputs give the response's log-probabilities: from the last prompt token
+    # to the one before the last response token (which the sampler never feeds back).
+    predicting = torch.zeros(rollout.attention_mask[indices].shape, device=logp.device)  # [n, L]
+    predicting[:, -T - 1:-1] = rollout.response_mask[indices]
+    return logp, routing_metrics(current, [r[indices] for r in batch.old_routes], predicting)
 
 
 def update_policy(policy, optimizer, scheduler, batch: Batch, ctx: StepContext) -> dict[str, float]:
