@@ -64,30 +64,39 @@ def matmul_shapes(num_seqs: int, seq_len: int, config: Any, num_minibatches: int
     return shapes
 
 
-def measure_matmul(shape: tuple[int, int, int], seconds: float = 0.5, repeats: int = 5) -> float:
-    """Best FLOP/s of `[M, K] @ [K, N]` in float32 over `repeats` timings of ~`seconds`/repeats each.
+def measure_matmul(shape: tuple[int, int, int], seconds: float = 0.5, repeats: int = 5,
+                   device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Best FLOP/s of `[M, K] @ [K, N]` on `device` in `dtype` over `repeats` timings of
+    ~`seconds`/repeats each.
 
     The best, not the mean: it estimates what the hardware gives when the (shared) CPU
-    lets it, which is the ceiling a training phase could reach.
+    lets it, which is the ceiling a training phase could reach. On a GPU every timing
+    waits for the device to finish.
     """
     m, k, n = shape
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    out = torch.empty(m, n)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+    out = torch.empty(m, n, device=device, dtype=dtype)
     torch.matmul(a, b, out=out)  # warm-up
+    sync()
     start = time.perf_counter()
     torch.matmul(a, b, out=out)
+    sync()
     iters = max(1, int(seconds / repeats / max(time.perf_counter() - start, 1e-6)))
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(iters):
             torch.matmul(a, b, out=out)
+        sync()
         best = min(best, (time.perf_counter() - start) / iters)
     return 2.0 * m * k * n / best
 
 
-def matmul_throughput(shapes: list[tuple[int, int, int]], seconds: float = 0.5) -> dict[str, Any]:
+def matmul_throughput(shapes: list[tuple[int, int, int]], seconds: float = 0.5, device: str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """FLOP/s of each shape and the best of them (the reference for utilisation)."""
-    results = [{"shape": list(s), "flops_per_s": measure_matmul(s, seconds)} for s in shapes]
+    results = [{"shape": list(s), "flops_per_s": measure_matmul(s, seconds, device=device, dtype=dtype)}
+               for s in shapes]
     return {"shapes": results, "best_flops_per_s": max(r["flops_per_s"] for r in results),
-            "num_threads": torch.get_num_threads()}
+            "num_threads": torch.get_num_threads(), "device": device, "dtype": str(dtype).removeprefix("torch.")}

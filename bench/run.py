@@ -117,7 +117,8 @@ def run_benchmark(workload: Workload, pairs: int, with_trl: bool, cache_dir: Pat
     load_start = os.getloadavg()
     log(f"model {model_dir.name}: {num_total / 1e6:.1f}M parameters, {num_active / 1e6:.2f}M active; "
         f"load average {load_start[0]:.1f}; measuring matmul throughput")
-    matmul_start = matmul_throughput(shapes, matmul_seconds)
+    dtype = torch.bfloat16 if workload.precision == "bf16" else torch.float32  # the dtype the matmuls run in
+    matmul_start = matmul_throughput(shapes, matmul_seconds, workload.device, dtype)
 
     frameworks = ["gspo", "trl"] if with_trl else ["gspo"]
     raw: list[dict[str, Any]] = []
@@ -129,7 +130,7 @@ def run_benchmark(workload: Workload, pairs: int, with_trl: bool, cache_dir: Pat
             log(f"pair {pair + 1}/{pairs} {framework}: {run['response_tokens'] / run['timed_s']:.0f} tokens/s "
                 f"({run['timed_s']:.1f}s timed, peak {run['peak_rss_mib']:.0f} MiB)")
 
-    matmul_end = matmul_throughput(shapes, matmul_seconds)
+    matmul_end = matmul_throughput(shapes, matmul_seconds, workload.device, dtype)
     peak = max(matmul_start["best_flops_per_s"], matmul_end["best_flops_per_s"])
     runs = [with_rates(run, num_active, peak) for run in raw]
     ratios = pair_ratios(runs)
@@ -160,15 +161,17 @@ def results_table(result: dict[str, Any]) -> Table:
     table = Table(title=f"{result['workload']['model']}: {result['workload']['prompts_per_step']} prompts × "
                         f"{result['workload']['group_size']}, ≤{result['workload']['max_new_tokens']} new tokens, "
                         f"{result['workload']['num_minibatches']} mini-batches, {result['workload']['steps']} step(s)")
+    on_gpu = any("peak_gpu_mib" in run for run in result["runs"])
     for name in ("pair", "trainer", "tokens/s", "compl./s", "generate s", "π_old s", "update s", "reward s",
-                 "eval", "step s", "update/peak", "peak MiB"):
+                 "eval", "step s", "update/peak", "peak MiB", *(["GPU MiB"] if on_gpu else [])):
         table.add_column(name, justify="left" if name == "trainer" else "right")
     for run in result["runs"]:
         p = run["phases"]
         table.add_row(str(run["pair"] + 1), run["framework"], f"{run['tokens_per_s']:.0f}",
                       f"{run['completions_per_s']:.2f}", f"{p['generate_s']:.1f}", f"{p['old_logp_s']:.1f}",
                       f"{p['update_s']:.1f}", f"{p['reward_s']:.2f}", "off", f"{run['timed_s']:.1f}",
-                      f"{run['utilisation']['update']:.1%}", f"{run['peak_rss_mib']:.0f}")
+                      f"{run['utilisation']['update']:.1%}", f"{run['peak_rss_mib']:.0f}",
+                      *([f"{run.get('peak_gpu_mib', 0):.0f}"] if on_gpu else []))
     return table
 
 
@@ -183,8 +186,9 @@ def print_report(result: dict[str, Any], console: Console) -> None:
     if result["source_changed_during_run"]:
         console.print(f"[bold red]gspo_cli changed while the benchmark ran (source digests {v['gspo_source_digests']}):"
                       " its runs measured different code[/bold red]")
+    ref = result["matmul"]["start"]
     console.print(f"dense matmul reference: {result['matmul']['best_flops_per_s'] / 1e9:.1f} GFLOP/s "
-                  f"({m['torch_threads']} threads); {result['flops_formula']}")
+                  f"({ref['dtype']} on {ref['device']}, {m['torch_threads']} CPU threads); {result['flops_formula']}")
     console.print(f"versions: gspo-cli {v['gspo-cli']} (commit {v['git_commit']}, source {','.join(v['gspo_source_digests'])}), trl {v['trl']}, torch {v['torch']}, "
                   f"transformers {v['transformers']}; load average {m['load_avg_start'][0]:.1f} → "
                   f"{m['load_avg_end'][0]:.1f} on {m['cpu_count']} CPUs (shared machine: measured under that load)")
@@ -200,6 +204,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="longest response")
     parser.add_argument("--minibatches", type=int, default=defaults.num_minibatches, help="optimizer steps per batch")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    parser.add_argument("--device", default=defaults.device, help="cpu (default) or cuda: where both trainers run")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=defaults.precision,
+                        help="fp32 (default) or bf16 autocast, in both trainers and the matmul reference")
     parser.add_argument("--model", default=defaults.model, help="entry of conf/model/ (default bench-qwen3-moe)")
     parser.add_argument("--model-override", action="append", default=[], help="extra Hydra override, repeatable")
     parser.add_argument("--skip-trl", action="store_true", help="measure this project only")
@@ -214,7 +221,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     workload = Workload(model=args.model, prompts_per_step=args.prompts, group_size=args.group_size,
                         max_new_tokens=args.max_new_tokens, num_minibatches=args.minibatches, steps=args.steps,
-                        num_threads=args.threads, model_overrides=tuple(args.model_override))
+                        num_threads=args.threads, device=args.device, precision=args.precision,
+                        model_overrides=tuple(args.model_override))
     with_trl = not args.skip_trl
     if with_trl and package_version("trl") is None:
         sys.exit("TRL is not installed: pip install -e '.[bench]', or pass --skip-trl")

@@ -98,7 +98,7 @@ def grpo_config(workload: Workload, output_dir: Path):
     w = workload
     return GRPOConfig(
         output_dir=str(output_dir), report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
-        use_cpu=True, bf16=False, fp16=False, seed=w.seed, dataloader_num_workers=0,
+        use_cpu=w.device == "cpu", bf16=w.precision == "bf16", fp16=False, seed=w.seed, dataloader_num_workers=0,
         per_device_train_batch_size=w.rollout_size // w.num_minibatches, gradient_accumulation_steps=1,
         steps_per_generation=w.num_minibatches, num_generations=w.group_size, num_iterations=1,
         max_steps=w.steps * w.num_minibatches, max_completion_length=w.max_new_tokens,

@@ -55,7 +55,13 @@ def run_one(framework: str, workload: Workload, cache_dir: Path, run_dir: Path) 
         result = run_trl(workload, cfg, model_dir, problems, run_dir)
     else:
         raise ValueError(f"framework={framework!r} is not one of ['gspo', 'trl']")
-    return {**result, "source_digest": source_digest(), "baseline_rss_mib": baseline, "peak_rss_mib": peak_rss_mib()}
+    gpu = {}
+    if workload.device.startswith("cuda"):
+        import torch
+
+        gpu["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return {**result, "source_digest": source_digest(), "baseline_rss_mib": baseline, "peak_rss_mib": peak_rss_mib(),
+            **gpu}
 
 
 def main(argv: list[str]) -> None:

@@ -44,6 +44,10 @@ class Workload:
     """Seed of both trainers (sampling, data order)."""
     num_threads: int = 0
     """torch CPU threads in each run; 0 keeps torch's default (one per core)."""
+    device: str = "cpu"
+    """Where both trainers run: "cpu", or "cuda" (this project's `hardware=gpu`, TRL without `use_cpu`)."""
+    precision: str = "fp32"
+    """fp32, or bf16 (this project's `hardware.precision=bf16` autocast, TRL's `bf16=True`)."""
     model_overrides: tuple[str, ...] = ()
     """Extra Hydra overrides of the model entry (the tests shrink the model with these)."""
 
@@ -72,7 +76,8 @@ def project_overrides(workload: Workload, cache_dir: Path) -> list[str]:
         f"trainer.temperature={w.temperature}", "trainer.save_final=false",
         # Evaluation only at step 0 and after the last step, both outside the timed steps.
         f"trainer.eval_every={w.steps + 1}",
-        f"hardware.num_threads={w.num_threads}", "hardware.device=cpu",
+        *(["hardware=gpu", f"hardware.device={w.device}"] if w.device.startswith("cuda") else ["hardware.device=cpu"]),
+        f"hardware.num_threads={w.num_threads}", f"hardware.precision={w.precision}",
         *w.model_overrides,
     ]
 

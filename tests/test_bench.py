@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from bench.flops import active_params, matmul_shapes, step_flops
 from bench.project import summarize_metrics
@@ -120,3 +121,30 @@ def test_a_pair_with_trl_reports_its_ratio_and_both_versions(tmp_path):
     assert pair["ratio"] == pytest.approx(pair["gspo_tokens_per_s"] / pair["trl_tokens_per_s"])
     assert result["median_ratio"] == pair["ratio"]
     assert result["versions"]["trl"] and result["versions"]["gspo-cli"]
+
+
+def test_a_gpu_workload_runs_this_project_on_hardware_gpu_with_the_chosen_precision(tmp_path):
+    from bench.workload import Workload, compose_train_config, project_overrides
+
+    cfg = compose_train_config(project_overrides(Workload(device="cuda", precision="bf16"), tmp_path))
+    assert (cfg.hardware.device, cfg.hardware.precision) == ("cuda", "bf16")
+    cfg = compose_train_config(project_overrides(Workload(device="cuda"), tmp_path))  # fp32 unless asked
+    assert (cfg.hardware.device, cfg.hardware.precision) == ("cuda", "fp32")
+    cfg = compose_train_config(project_overrides(Workload(), tmp_path))
+    assert (cfg.hardware.device, cfg.hardware.precision) == ("cpu", "fp32")
+
+
+def test_trl_runs_where_and_how_precisely_the_workload_says(tmp_path):
+    pytest.importorskip("trl")
+    from bench.trl_grpo import grpo_config
+    from bench.workload import Workload
+
+    args = grpo_config(Workload(), tmp_path)
+    assert args.use_cpu and not args.bf16 and args.importance_sampling_level == "sequence"
+
+
+def test_matmul_reference_in_bf16():
+    from bench.flops import matmul_throughput
+
+    ref = matmul_throughput([(64, 32, 16)], seconds=0.01, dtype=torch.bfloat16)
+    assert ref["best_flops_per_s"] > 0 and ref["dtype"] == "bfloat16" and ref["device"] == "cpu"
