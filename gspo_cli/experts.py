@@ -129,7 +129,7 @@ def sorted_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_i
     return torch.bmm(top_k_weights.unsqueeze(1).to(per_token.dtype), per_token).squeeze(1)
 
 
-def register() -> bool:
+def _register() -> bool:
     """Make `gspo_sorted` a valid `experts_implementation`; False on transformers without one."""
     try:
         from transformers.integrations.moe import ExpertsInterface
@@ -137,6 +137,9 @@ def register() -> bool:
         return False
     ExpertsInterface.register(NAME, sorted_experts_forward)
     return True
+
+
+REGISTERED = _register()  # once, when the module is imported
 
 
 def choose(requested: str, device: str) -> str | None:

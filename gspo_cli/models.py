@@ -33,6 +33,7 @@ from transformers import (
 
 from gspo_cli import experts
 from gspo_cli.config import ModelConfig, TinyModelSpec
+from gspo_cli.moe import is_moe
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -169,18 +170,12 @@ def load_model(
         str(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
     )
     implementation = experts.choose(experts_implementation, device)
-    if implementation is not None and _has_experts(model):
-        if implementation == experts.NAME and not experts.register():
+    if implementation is not None and is_moe(model) and hasattr(model, "set_experts_implementation"):
+        if implementation == experts.NAME and not experts.REGISTERED:
             raise ValueError(f"model.experts_implementation={experts.NAME} needs transformers >= 5")
         model.set_experts_implementation(implementation)
     return model.to(device)
 
-
-def _has_experts(model: PreTrainedModel) -> bool:
-    """An MoE model whose experts transformers lets us choose an implementation for."""
-    config = model.config
-    return (bool(getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0))
-            and hasattr(model, "set_experts_implementation"))
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -48,13 +48,12 @@ def select_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
     return Rollout(**picked, completions=[rollout.completions[i] for i in rows.tolist()], routes=routes)
 
 
-def pad_routes(layer: torch.Tensor, prompt_width: int, left: int, right: int) -> torch.Tensor:
+def pad_routes(layer: torch.Tensor, left: int, right: int) -> torch.Tensor:
     """[N, P + T, k] routes padded like the tokens: `left` columns before the prompt, `right`
     after the response. Padding positions are masked out everywhere; they get experts
     0..k-1, a valid choice, so that Routing Replay can force them like any other."""
     filler = torch.arange(layer.shape[-1], device=layer.device).expand(layer.shape[0], 1, -1)
-    return torch.cat([filler.expand(-1, left, -1), layer[:, :prompt_width], layer[:, prompt_width:],
-                      filler.expand(-1, right, -1)], dim=1)
+    return torch.cat([filler.expand(-1, left, -1), layer, filler.expand(-1, right, -1)], dim=1)
 
 
 def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
@@ -73,7 +72,7 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
     ids, attn, resp, routes = [], [], [], []
     tokens = {name: [] for name in _TOKEN_FIELDS}
     for r, (p, t) in zip(rollouts, widths):
-        routes.append(None if r.routes is None else [pad_routes(layer, p, P - p, T - t) for layer in r.routes])
+        routes.append(None if r.routes is None else [pad_routes(layer, P - p, T - t) for layer in r.routes])
         ids.append(torch.cat([F.pad(r.input_ids[:, :p], (P - p, 0), value=pad_token_id),
                               F.pad(r.input_ids[:, p:], (0, T - t), value=pad_token_id)], dim=1))
         attn.append(torch.cat([F.pad(r.attention_mask[:, :p], (P - p, 0), value=0),

@@ -109,22 +109,17 @@ def old_logprobs(sampler, rollout: Rollout, ctx: StepContext, minibatches: Seque
     Rows in none of `minibatches` are left NaN (and their routes 0) for the caller to fill."""
     T, num_seqs = rollout.response_mask.shape[1], rollout.input_ids.shape[0]
     old_logp = torch.full((num_seqs, T), float("nan"), device=rollout.input_ids.device)
-    old_routes: Optional[Routes] = None
+    old_routes: Optional[Routes] = None if ctx.routing is None else [
+        torch.zeros(num_seqs, rollout.input_ids.shape[1], router.top_k, dtype=torch.long, device=old_logp.device)
+        for router in ctx.routing.routers]
     for rows in minibatches:
         capture = ctx.routing.capture() if ctx.routing else contextlib.nullcontext()
         with torch.no_grad(), capture as routes:
             old_logp[rows], _ = response_logprobs(sampler, rollout.input_ids[rows], rollout.attention_mask[rows], T,
                                                   ctx.cfg.trainer.temperature)
-        if routes is not None:
-            by_seq = routes_by_sequence(list(routes), len(rows))  # per layer [n, L, k]
-            if old_routes is None:
-                old_routes = [r.new_zeros(num_seqs, *r.shape[1:]) for r in by_seq]
-            for layer, chosen in zip(old_routes, by_seq):
+        if old_routes is not None:
+            for layer, chosen in zip(old_routes, routes_by_sequence(list(routes), len(rows))):  # [n, L, k]
                 layer[rows] = chosen
-    if ctx.routing is not None and old_routes is None:  # nothing recomputed: filled by the first mini-batch
-        L, k = rollout.input_ids.shape[1], ctx.routing.routers[0].top_k
-        old_routes = [torch.zeros(num_seqs, L, k, dtype=torch.long, device=old_logp.device)
-                      for _ in range(ctx.routing.num_layers)]
     return old_logp, old_routes
 
 
@@ -248,8 +243,7 @@ def update_policy(policy, optimizer, scheduler, batch: Batch, ctx: StepContext) 
         if fill_old:
             batch.old_logp[indices] = logp.detach()
         if i == 0:  # the trainer's π_old: of every row once filled, else of this mini-batch
-            rows = slice(None) if batch.first_minibatch_is_old else indices
-            trainer_logp = batch.old_logp[rows] if batch.first_minibatch_is_old else logp.detach()
+            trainer_logp, rows = (batch.old_logp, slice(None)) if fill_old else (logp.detach(), indices)
             mismatch = {k: v.item() for k, v in
                         logp_mismatch(trainer_logp, rollout.logp[rows], rollout.response_mask[rows]).items()}
         loss, metrics = minibatch_loss(logp, batch, indices, ctx)

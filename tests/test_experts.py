@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from gspo_cli import experts
-from gspo_cli.models import _has_experts, load_model
+from gspo_cli.models import load_model
+from gspo_cli.moe import is_moe
 
 
 def reference_experts(x, gate_up, down, top_k_index, top_k_weights):
@@ -67,7 +68,7 @@ def test_auto_picks_the_kernel_on_cpu_only_and_checkpoints_do_not_carry_it(tiny_
     assert experts.choose("eager", "cuda") == "eager"
     assert experts.choose("default", "cpu") is None
     model = load_model(tiny_model_dir)  # model.experts_implementation defaults to auto
-    assert _has_experts(model) and model.config._experts_implementation == experts.NAME
+    assert is_moe(model) and model.config._experts_implementation == experts.NAME
     model.save_pretrained(tmp_path)
     assert experts.NAME not in json.dumps(json.loads((tmp_path / "config.json").read_text()))
     # A plain transformers load of what the tool saved works without this module.

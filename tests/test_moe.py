@@ -29,6 +29,13 @@ def test_routing_metrics_per_layer_and_mean():
                  "routing/changed_fraction": 0.5}
 
 
+def forward_routes(model, routing, ids, mask):
+    """Per layer [N, L, k] experts chosen in one forward pass over the batch."""
+    with torch.no_grad(), routing.capture() as routes:
+        model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
+    return routes_by_sequence(list(routes), ids.shape[0])
+
+
 @pytest.fixture
 def moe_and_batch(tiny_model):
     model, tokenizer = tiny_model
@@ -40,9 +47,7 @@ def test_capture_records_every_layer(moe_and_batch):
     model, ids, mask = moe_and_batch
     routing = MoERouting(model)
     assert routing.num_layers == TEST_SPEC.num_hidden_layers
-    with routing.capture() as routes:
-        model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
-    by_seq = routes_by_sequence(routes, ids.shape[0])
+    by_seq = forward_routes(model, routing, ids, mask)
     assert [tuple(r.shape) for r in by_seq] == [(3, ids.shape[1], TEST_SPEC.num_experts_per_tok)] * routing.num_layers
 
 
@@ -80,9 +85,7 @@ def test_replay_lets_gradients_reach_the_router(moe_and_batch):
 def test_select_rows_matches_a_forward_on_those_rows(moe_and_batch):
     model, ids, mask = moe_and_batch
     routing = MoERouting(model)
-    with routing.capture() as routes:
-        model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
-    by_seq = routes_by_sequence(list(routes), ids.shape[0])
+    by_seq = forward_routes(model, routing, ids, mask)
     rows = torch.tensor([2, 0])
     with routing.capture() as sub:
         model(input_ids=ids[rows], attention_mask=mask[rows], position_ids=positions_from_mask(mask[rows]))
@@ -175,15 +178,11 @@ def test_unchanged_parameters_change_no_route_and_replay_gives_ratio_one(moe_and
 def test_after_a_large_update_routes_change(moe_and_batch):
     model, ids, mask = moe_and_batch
     routing = MoERouting(model)
-    with routing.capture() as before:
-        model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
-    before = routes_by_sequence(list(before), ids.shape[0])
+    before = forward_routes(model, routing, ids, mask)
     with torch.no_grad():
         for router in routing.routers:
             router.weight.add_(torch.randn_like(router.weight))
-    with routing.capture() as after:
-        model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
-    after = routes_by_sequence(list(after), ids.shape[0])
+    after = forward_routes(model, routing, ids, mask)
     assert routing_metrics(after, before, mask.float())["routing/changed_fraction"] > 0.1
 
 
@@ -196,10 +195,7 @@ def test_sampler_routes_are_those_of_a_full_forward_pass(tiny_model):
     rollout = generate_rollout(model, tokenizer, prompts, 6, 1.0, torch.Generator().manual_seed(0), routing=routing)
     N, L = rollout.input_ids.shape
     assert [tuple(r.shape) for r in rollout.routes] == [(N, L, TEST_SPEC.num_experts_per_tok)] * routing.num_layers
-    with torch.no_grad(), routing.capture() as full:
-        model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-              position_ids=positions_from_mask(rollout.attention_mask))
-    full = routes_by_sequence(list(full), N)
+    full = forward_routes(model, routing, rollout.input_ids, rollout.attention_mask)
     real = rollout.attention_mask.bool().clone()
     real[:, -1] = False  # the last token is never fed back while sampling
     assert real.sum() > N * 4
