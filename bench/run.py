@@ -69,11 +69,14 @@ def run_worker(framework: str, workload: Workload, cache_dir: Path, work_dir: Pa
 
 
 def with_rates(run: dict[str, Any], num_active: int, peak_flops: float) -> dict[str, Any]:
-    """Add tokens/s, completions/s, FLOPs and the share of `peak_flops` to a worker's result."""
+    """Add tokens/s, completions/s, FLOPs and the share of `peak_flops` to a worker's result
+    (and tokens/s to its warm-up steps)."""
     flops = step_flops(num_active, run["prompt_tokens"] + run["response_tokens"])
     update_s = run["phases"]["update_s"]
+    warmup = run.get("warmup")
     return {
         **run,
+        "warmup": warmup and {**warmup, "tokens_per_s": warmup["response_tokens"] / warmup["timed_s"]},
         "tokens_per_s": run["response_tokens"] / run["timed_s"],
         "completions_per_s": run["completions"] / run["timed_s"],
         "flops": flops,
@@ -84,13 +87,22 @@ def with_rates(run: dict[str, Any], num_active: int, peak_flops: float) -> dict[
 
 
 def pair_ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """gspo tokens/s over trl tokens/s, pair by pair (pairs without a trl run are skipped)."""
+    """gspo tokens/s over trl tokens/s, pair by pair (pairs without a trl run are skipped); with
+    warm-up steps also the ratio of the warm-up steps alone (`warmup_ratio`, the cold start)."""
     by_pair: dict[int, dict[str, dict[str, Any]]] = {}
     for run in runs:
         by_pair.setdefault(run["pair"], {})[run["framework"]] = run
-    return [{"pair": i, "gspo_tokens_per_s": p["gspo"]["tokens_per_s"], "trl_tokens_per_s": p["trl"]["tokens_per_s"],
-             "ratio": p["gspo"]["tokens_per_s"] / p["trl"]["tokens_per_s"]}
-            for i, p in sorted(by_pair.items()) if {"gspo", "trl"} <= p.keys()]
+    ratios = []
+    for i, p in sorted(by_pair.items()):
+        if not {"gspo", "trl"} <= p.keys():
+            continue
+        gspo, trl = p["gspo"], p["trl"]
+        ratio = {"pair": i, "gspo_tokens_per_s": gspo["tokens_per_s"], "trl_tokens_per_s": trl["tokens_per_s"],
+                 "ratio": gspo["tokens_per_s"] / trl["tokens_per_s"]}
+        if gspo.get("warmup") and trl.get("warmup"):
+            ratio["warmup_ratio"] = gspo["warmup"]["tokens_per_s"] / trl["warmup"]["tokens_per_s"]
+        ratios.append(ratio)
+    return ratios
 
 
 def run_benchmark(workload: Workload, pairs: int, with_trl: bool, cache_dir: Path, work_dir: Path,
@@ -153,6 +165,8 @@ def run_benchmark(workload: Workload, pairs: int, with_trl: bool, cache_dir: Pat
         "runs": runs,
         "pairs": ratios,
         "median_ratio": statistics.median(r["ratio"] for r in ratios) if ratios else None,
+        "median_warmup_ratio": (statistics.median(r["warmup_ratio"] for r in ratios)
+                                if ratios and all("warmup_ratio" in r for r in ratios) else None),
     }
 
 
@@ -160,7 +174,8 @@ def results_table(result: dict[str, Any]) -> Table:
     """One row per run: throughput, the time of each phase, utilisation and memory."""
     table = Table(title=f"{result['workload']['model']}: {result['workload']['prompts_per_step']} prompts × "
                         f"{result['workload']['group_size']}, ≤{result['workload']['max_new_tokens']} new tokens, "
-                        f"{result['workload']['num_minibatches']} mini-batches, {result['workload']['steps']} step(s)")
+                        f"{result['workload']['num_minibatches']} mini-batches, {result['workload']['steps']} timed "
+                        f"step(s) after {result['workload']['warmup_steps']} warm-up")
     on_gpu = any("peak_gpu_mib" in run for run in result["runs"])
     for name in ("pair", "trainer", "tokens/s", "compl./s", "generate s", "π_old s", "update s", "reward s",
                  "eval", "step s", "update/peak", "peak MiB", *(["GPU MiB"] if on_gpu else [])):
@@ -182,6 +197,10 @@ def print_report(result: dict[str, Any], console: Console) -> None:
                       f"{r['trl_tokens_per_s']:.0f} = {r['ratio']:.2f}×")
     if result["median_ratio"] is not None:
         console.print(f"[bold]median gspo/trl ratio of response tokens/s: {result['median_ratio']:.2f}×[/bold]")
+    if result.get("median_warmup_ratio") is not None:
+        per_pair = ", ".join(f"{r['warmup_ratio']:.2f}" for r in result["pairs"])
+        console.print(f"the warm-up steps alone (each process's first, cold): median ratio "
+                      f"{result['median_warmup_ratio']:.2f}× (per pair: {per_pair})")
     m, v = result["machine"], result["versions"]
     if result["source_changed_during_run"]:
         console.print(f"[bold red]gspo_cli changed while the benchmark ran (source digests {v['gspo_source_digests']}):"
@@ -198,7 +217,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = Workload()
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=3, help="gspo/trl pairs (default 3; the median needs ≥3)")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="rollout batches per run (default 1)")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="timed rollout batches per run (default 1)")
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
+                        help="rollout batches before the timed ones, reported apart (default 1)")
     parser.add_argument("--prompts", type=int, default=defaults.prompts_per_step, help="prompts per rollout batch")
     parser.add_argument("--group-size", type=int, default=defaults.group_size, help="responses per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="longest response")
@@ -221,6 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     workload = Workload(model=args.model, prompts_per_step=args.prompts, group_size=args.group_size,
                         max_new_tokens=args.max_new_tokens, num_minibatches=args.minibatches, steps=args.steps,
+                        warmup_steps=args.warmup_steps,
                         num_threads=args.threads, device=args.device, precision=args.precision,
                         model_overrides=tuple(args.model_override))
     with_trl = not args.skip_trl

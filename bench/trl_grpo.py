@@ -36,25 +36,34 @@ def timed_trainer_class():
 
     class LoopTimer(TrainerCallback):
         """Times the training loop only: model loading, optimizer and data loader set-up stay out,
-        as they do in the project's `time/step_s`."""
+        as they do in the project's `time/step_s`. Before optimizer step `warmup_optimizer_steps`
+        (where the first timed rollout batch is generated) it notes the counters so far."""
 
-        def __init__(self, phase_s: dict[str, float]) -> None:
-            self.phase_s = phase_s
+        def __init__(self, trainer: "TimedGRPOTrainer") -> None:
+            self.trainer = trainer
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.phase_s["train_s"] = -time.perf_counter()
+            self.trainer.phase_s["train_s"] = -time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            trainer = self.trainer
+            if state.global_step == trainer.warmup_optimizer_steps:
+                elapsed = trainer.phase_s["train_s"] + time.perf_counter()
+                trainer.at_warmup_end = {**trainer.phase_s, **trainer.token_counts, "train_s": elapsed}
 
         def on_train_end(self, args, state, control, **kwargs):
-            self.phase_s["train_s"] += time.perf_counter()
+            self.trainer.phase_s["train_s"] += time.perf_counter()
 
     class TimedGRPOTrainer(GRPOTrainer):
         """Adds up the seconds spent in each phase and counts the tokens it generated."""
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, warmup_optimizer_steps: int = 0, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.phase_s: dict[str, float] = defaultdict(float)
             self.token_counts: dict[str, int] = defaultdict(int)
-            self.add_callback(LoopTimer(self.phase_s))
+            self.warmup_optimizer_steps = warmup_optimizer_steps
+            self.at_warmup_end: dict[str, float] = {}  # phase_s and token_counts when the warm-up ended
+            self.add_callback(LoopTimer(self))
 
         def _generate(self, prompts):
             start = time.perf_counter()
@@ -101,7 +110,7 @@ def grpo_config(workload: Workload, output_dir: Path):
         use_cpu=w.device == "cpu", bf16=w.precision == "bf16", fp16=False, seed=w.seed, dataloader_num_workers=0,
         per_device_train_batch_size=w.rollout_size // w.num_minibatches, gradient_accumulation_steps=1,
         steps_per_generation=w.num_minibatches, num_generations=w.group_size, num_iterations=1,
-        max_steps=w.steps * w.num_minibatches, max_completion_length=w.max_new_tokens,
+        max_steps=w.total_steps * w.num_minibatches, max_completion_length=w.max_new_tokens,
         temperature=w.temperature, top_p=1.0, top_k=0, min_p=None, repetition_penalty=1.0,
         learning_rate=w.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4, loss_type="grpo",
@@ -127,14 +136,21 @@ def run_trl(workload: Workload, cfg: TrainConfig, model_dir: Path, problems: lis
     trainer = timed_trainer_class()(
         model=str(model_dir), reward_funcs=exact_match, args=grpo_config(workload, run_dir),
         train_dataset=dataset, processing_class=load_tokenizer(model_dir),
+        warmup_optimizer_steps=workload.warmup_steps * workload.num_minibatches,
     )
     trainer.train()
-    phases = dict(trainer.phase_s)
-    timed_s = phases.pop("train_s")
-    rollout_s = phases.pop("rollout_s")
-    phases["update_s"] = timed_s - rollout_s  # everything outside the rollout: forward, backward, step
-    return {
-        "framework": "trl", "version": trl.__version__, "timed_s": timed_s, "phases": phases,
-        "response_tokens": trainer.token_counts["response"], "prompt_tokens": trainer.token_counts["prompt"],
-        "completions": trainer.token_counts["completions"],
-    }
+    totals = {**trainer.phase_s, **trainer.token_counts}
+    warmup = trainer.at_warmup_end
+    timed = {name: value - warmup.get(name, 0) for name, value in totals.items()}
+    return {"framework": "trl", "version": trl.__version__, **trl_summary(timed, workload.steps),
+            "warmup": trl_summary(warmup, workload.warmup_steps) if workload.warmup_steps else None}
+
+
+def trl_summary(counters: dict[str, float], steps: int) -> dict[str, Any]:
+    """Seconds per phase and token counts from the timed trainer's counters over `steps` rollout batches."""
+    phases = {name: counters.get(name, 0.0) for name in ("generate_s", "old_logp_s", "reward_s")}
+    # everything outside the rollout: forward, backward and optimizer step
+    phases["update_s"] = counters["train_s"] - counters.get("rollout_s", 0.0)
+    return {"timed_s": counters["train_s"], "phases": phases, "response_tokens": int(counters.get("response", 0)),
+            "prompt_tokens": int(counters.get("prompt", 0)), "completions": int(counters.get("completions", 0)),
+            "steps": steps}

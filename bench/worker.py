@@ -45,10 +45,11 @@ def run_one(framework: str, workload: Workload, cache_dir: Path, run_dir: Path) 
     model_dir = prepare_model_dir(cfg)
     problems = workload_problems(cfg)
     tokenizer = load_tokenizer(model_dir)
-    prompt_tokens = sum(len(ids) for ids in tokenizer([p.prompt for p in problems], add_special_tokens=False)["input_ids"])
+    timed = problems[workload.warmup_steps * workload.prompts_per_step:]  # the prompts of the timed steps
+    prompt_tokens = sum(len(ids) for ids in tokenizer([p.prompt for p in timed], add_special_tokens=False)["input_ids"])
     baseline = peak_rss_mib()  # interpreter and libraries, before any model is loaded
     if framework == "gspo":
-        result = run_project(cfg, run_dir, prompt_tokens * workload.group_size)
+        result = run_project(cfg, run_dir, prompt_tokens * workload.group_size, workload.warmup_steps)
     elif framework == "trl":
         from bench.trl_grpo import run_trl
 

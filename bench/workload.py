@@ -35,7 +35,10 @@ class Workload:
     num_minibatches: int = 4
     """Optimizer steps per rollout batch (TRL: `steps_per_generation`)."""
     steps: int = 1
-    """Rollout batches per run (TRL runs `steps × num_minibatches` optimizer steps)."""
+    """Timed rollout batches per run (TRL runs `(warmup_steps + steps) × num_minibatches` optimizer steps)."""
+    warmup_steps: int = 1
+    """Rollout batches each run does first, timed apart: a process's first step also pays for
+    one-off costs (faulting in fresh memory, lazy initialisation) that later steps do not."""
     lr: float = 1e-4
     """AdamW learning rate, constant, in both trainers."""
     temperature: float = 1.0
@@ -50,6 +53,11 @@ class Workload:
     """fp32, or bf16 (this project's `hardware.precision=bf16` autocast, TRL's `bf16=True`)."""
     model_overrides: tuple[str, ...] = ()
     """Extra Hydra overrides of the model entry (the tests shrink the model with these)."""
+
+    @property
+    def total_steps(self) -> int:
+        """Rollout batches per run, warm-up included."""
+        return self.warmup_steps + self.steps
 
     @property
     def rollout_size(self) -> int:
@@ -70,12 +78,12 @@ def project_overrides(workload: Workload, cache_dir: Path) -> list[str]:
     return [
         f"model={w.model}", "task=arithmetic", "algo=gspo", "logger=none", f"cache_dir={cache_dir}",
         f"seed={w.seed}", f"task.num_eval={NUM_EVAL}",
-        f"trainer.max_steps={w.steps}", f"trainer.prompts_per_step={w.prompts_per_step}",
+        f"trainer.max_steps={w.total_steps}", f"trainer.prompts_per_step={w.prompts_per_step}",
         f"trainer.group_size={w.group_size}", f"trainer.max_new_tokens={w.max_new_tokens}",
         f"trainer.num_minibatches={w.num_minibatches}", f"trainer.lr={w.lr}", "trainer.warmup_steps=0",
         f"trainer.temperature={w.temperature}", "trainer.save_final=false",
         # Evaluation only at step 0 and after the last step, both outside the timed steps.
-        f"trainer.eval_every={w.steps + 1}",
+        f"trainer.eval_every={w.total_steps + 1}",
         *(["hardware=gpu", f"hardware.device={w.device}"] if w.device.startswith("cuda") else ["hardware.device=cpu"]),
         f"hardware.num_threads={w.num_threads}", f"hardware.precision={w.precision}",
         *w.model_overrides,
@@ -93,7 +101,7 @@ def compose_train_config(overrides: list[str]) -> TrainConfig:
 
 
 def workload_problems(cfg: TrainConfig) -> list[Problem]:
-    """The training problems in the order the trainer draws them: `steps × prompts_per_step`.
+    """The training problems in the order the trainer draws them: `total_steps × prompts_per_step`.
 
     The project's trainer reads a `PromptStream` seeded with `cfg.seed`; replaying it here
     gives TRL the very same prompts.

@@ -80,6 +80,9 @@ class ModelConfig:
     """How MoE experts run: `auto` (this tool's sorted per-expert kernel on CPU, transformers'
     choice elsewhere), `default` (transformers' choice), `gspo_sorted`, or a transformers name:
     `grouped_mm`, `batched_mm`, `eager`."""
+    fused_rms_norm: bool = True
+    """Run float32 RMSNorms (Qwen, Llama, Mistral) as one autograd node (`gspo_cli/norms.py`):
+    the same outputs bit for bit, gradients equal up to rounding, about half the time."""
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     """Supervised warm start before RL (the local stand-in for a pretrained base)."""
 
@@ -218,6 +221,9 @@ class HardwareConfig:
     """Nodes (torchrun)."""
     num_threads: int = 0
     """CPU threads for torch (per process); 0 keeps torch's default (one per physical core)."""
+    keep_freed_memory: bool = True
+    """Keep freed host memory for reuse instead of unmapping large blocks at every free
+    (glibc `mallopt`; no effect elsewhere): no page faults in steady state (`gspo_cli/host.py`)."""
     fused_adamw: bool = True
     """AdamW's fused kernel (on CPU 5x faster than the foreach one for the same result up to rounding)."""
     strategy: str = "ddp"

@@ -226,9 +226,11 @@ def run_eval(cfg: EvalConfig, run_dir: Path) -> list[dict[str, Any]]:
     """Evaluate every checkpoint; write `eval.json` and one W&B run (job_type=eval) per checkpoint."""
     from rich.console import Console
 
+    from gspo_cli.host import configure_host
     from gspo_cli.logs import RunLogger
     from gspo_cli.tasks import build_task
 
+    configure_host(cfg.hardware.num_threads, cfg.hardware.keep_freed_memory)
     task = build_task(cfg.task)
     plain_cfg = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     results = []

@@ -40,13 +40,33 @@ class _PermuteRows(torch.autograd.Function):
         return grad.index_select(0, inverse), None, None
 
 
+class _GatherTokens(torch.autograd.Function):
+    """Token rows [T, H] -> (token, expert) pair rows [S, H] sorted by expert, S = T·k.
+
+    `order` [S] lists pairs (pair j is token j // k) in expert order, `inverse` is its inverse
+    permutation. The gradient gathers the pairs back into token order and adds each token's k rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, order // k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        by_pair = grad.index_select(0, inverse)
+        return by_pair.view(-1, ctx.k, by_pair.shape[-1]).sum(1), None, None, None
+
+
 class _GroupedSwiGLU(torch.autograd.Function):
     """Expert e's `down_e(silu(gate_e x) * up_e x)` on its block of rows, for every expert.
 
     Forward: x [S, H] sorted by expert, gate_up [E, 2I, H] (gate rows first), down [E, H, I],
     counts: rows per expert (a list, summing to S). Returns [S, H].
-    Saves x, the [S, 2I] projections and the [S, I] activations, so that the backward pass
-    needs three elementwise kernels per block (one of them aten's fused `silu_backward`).
+    Saves x and the [S, 2I] projections; the [rows, I] activations and gradients live one
+    expert's block at a time, small enough to stay in cache between the matmuls that use them.
     """
 
     @staticmethod
@@ -54,41 +74,43 @@ class _GroupedSwiGLU(torch.autograd.Function):
         width = down.shape[2]
         out = x.new_empty(x.shape[0], down.shape[1])
         projections = x.new_empty(x.shape[0], 2 * width)
-        hidden = x.new_empty(x.shape[0], width)
         start = 0
         for expert, rows in enumerate(counts):
             if rows == 0:
                 continue
             block = slice(start, start + rows)
             gate_up_x = torch.mm(x[block], gate_up[expert].t(), out=projections[block])
-            torch.mul(F.silu(gate_up_x[:, :width]), gate_up_x[:, width:], out=hidden[block])
-            torch.mm(hidden[block], down[expert].t(), out=out[block])
+            hidden = F.silu(gate_up_x[:, :width]).mul_(gate_up_x[:, width:])
+            torch.mm(hidden, down[expert].t(), out=out[block])
             start += rows
         ctx.counts = counts
-        ctx.save_for_backward(x, gate_up, down, projections, hidden)
+        ctx.save_for_backward(x, gate_up, down, projections)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, gate_up, down, projections, hidden = ctx.saved_tensors
+        x, gate_up, down, projections = ctx.saved_tensors
         width = down.shape[2]
         grad_out = grad_out.contiguous()
         grad_x = torch.empty_like(x)
-        grad_gate_up, grad_down = torch.zeros_like(gate_up), torch.zeros_like(down)
-        grad_proj = torch.empty_like(projections)
+        grad_gate_up, grad_down = torch.empty_like(gate_up), torch.empty_like(down)
         start = 0
         for expert, rows in enumerate(ctx.counts):
-            if rows == 0:
+            if rows == 0:  # an expert no token chose gets no gradient
+                grad_gate_up[expert].zero_()
+                grad_down[expert].zero_()
                 continue
             block = slice(start, start + rows)
             gate, up = projections[block, :width], projections[block, width:]
-            torch.mm(grad_out[block].t(), hidden[block], out=grad_down[expert])
+            silu_gate = F.silu(gate)
+            torch.mm(grad_out[block].t(), silu_gate * up, out=grad_down[expert])  # the forward's activations
             grad_hidden = grad_out[block] @ down[expert]  # [rows, I]
+            grad_proj = torch.empty(rows, 2 * width, dtype=x.dtype, device=x.device)
             # d/d gate of silu(gate)·up is up·silu'(gate); d/d up is silu(gate).
-            torch.ops.aten.silu_backward(grad_hidden * up, gate, grad_input=grad_proj[block, :width])
-            torch.mul(grad_hidden, F.silu(gate), out=grad_proj[block, width:])
-            torch.mm(grad_proj[block].t(), x[block], out=grad_gate_up[expert])
-            torch.mm(grad_proj[block], gate_up[expert], out=grad_x[block])
+            torch.ops.aten.silu_backward(grad_hidden * up, gate, grad_input=grad_proj[:, :width])
+            torch.mul(grad_hidden, silu_gate, out=grad_proj[:, width:])
+            torch.mm(grad_proj.t(), x[block], out=grad_gate_up[expert])
+            torch.mm(grad_proj, gate_up[expert], out=grad_x[block])
             start += rows
         return grad_x, grad_gate_up, grad_down, None
 
@@ -121,8 +143,7 @@ def sorted_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_i
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-    pairs = hidden_states.unsqueeze(1).expand(num_tokens, k, width).reshape(-1, width)  # [S, H]
-    by_expert = _PermuteRows.apply(pairs, order, inverse)
+    by_expert = _GatherTokens.apply(hidden_states, order, inverse, k)  # [S, H]
     outputs = _GroupedSwiGLU.apply(by_expert, self.gate_up_proj, self.down_proj, counts)
     per_token = _PermuteRows.apply(outputs, inverse, order).view(num_tokens, k, width)
     # Weighted sum over the k experts of each token: [T, 1, k] @ [T, k, H].

@@ -34,6 +34,7 @@ from transformers import (
 from gspo_cli import experts
 from gspo_cli.config import ModelConfig, TinyModelSpec
 from gspo_cli.moe import is_moe
+from gspo_cli.norms import fuse_rms_norms
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -160,10 +161,11 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
 
 def load_model(
     path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
-    experts_implementation: str = "auto",
+    experts_implementation: str = "auto", fused_rms_norm: bool = False,
 ) -> PreTrainedModel:
     """Load a causal LM with `from_pretrained` (hub id or local directory); MoE models run
-    their experts with `experts_implementation` (see `gspo_cli.experts.choose`)."""
+    their experts with `experts_implementation` (see `gspo_cli.experts.choose`), and with
+    `fused_rms_norm` the RMSNorms run as one autograd node each (`gspo_cli.norms`)."""
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(
@@ -174,6 +176,8 @@ def load_model(
         if implementation == experts.NAME and not experts.REGISTERED:
             raise ValueError(f"model.experts_implementation={experts.NAME} needs transformers >= 5")
         model.set_experts_implementation(implementation)
+    if fused_rms_norm:
+        fuse_rms_norms(model)
     return model.to(device)
 
 

@@ -26,6 +26,7 @@ from gspo_cli.config import AlgoConfig, TrainConfig
 from gspo_cli.dist import DistEnv, autocast, barrier, init_distributed, shutdown, unwrap, wrap_model
 from gspo_cli.evaluate import greedy_eval
 from gspo_cli.guards import BadStepCounter, CollapseMonitor, TrainingDiverged
+from gspo_cli.host import configure_host
 from gspo_cli.kl import KL_ESTIMATORS
 from gspo_cli.logs import RunLogger
 from gspo_cli.losses import LOSSES
@@ -125,7 +126,7 @@ def setup(cfg: TrainConfig, run_dir: Path, env: DistEnv, log) -> tuple[Any, Any,
     start_path = resolve_model_path(cfg, task, log)
     model_path = str(resume_from / "model") if resume_from and not sharded else start_path
     policy = load_model(model_path, cfg.model.dtype, env.device, cfg.model.trust_remote_code,
-                        cfg.model.experts_implementation)
+                        cfg.model.experts_implementation, cfg.model.fused_rms_norm)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     task = task.for_tokenizer(tokenizer)  # the chat template, when task.chat_template is set
     policy = wrap_model(policy, cfg.hardware.strategy, env, cfg.hardware.precision)
@@ -162,7 +163,7 @@ def make_context(cfg: TrainConfig, policy, tokenizer, task: Task, env: DistEnv, 
     if cfg.algo.kl_coef != 0:  # a frozen copy of the starting policy, loaded only when needed
         start = resolve_model_path(cfg, task, print)
         ref_model = load_model(start, cfg.model.dtype, env.device, cfg.model.trust_remote_code,
-                               cfg.model.experts_implementation)
+                               cfg.model.experts_implementation, cfg.model.fused_rms_norm)
         ref_model.eval().requires_grad_(False)
     return StepContext(cfg, task, tokenizer, env, state.generator, routing, ref_model, state.sampling_generator)
 
@@ -187,8 +188,7 @@ def install_stop_signals() -> dict[str, bool]:
 def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     """Run RL training as configured; returns the last metrics record (on every rank)."""
     run_dir = Path(run_dir)
-    if cfg.hardware.num_threads > 0:
-        torch.set_num_threads(cfg.hardware.num_threads)
+    configure_host(cfg.hardware.num_threads, cfg.hardware.keep_freed_memory)
     env = init_distributed(cfg.hardware.device)
     try:
         check_config(cfg, env)

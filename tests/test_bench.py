@@ -65,6 +65,10 @@ def test_summarize_metrics_adds_the_timed_steps_only():
     assert summary["response_tokens"] == 200 and summary["completions"] == 32 and summary["steps"] == 2
     assert summary["timed_s"] == pytest.approx(6.0)
     assert summary["phases"] == pytest.approx({"generate_s": 3.0, "reward_s": 0.3, "old_logp_s": 0.9, "update_s": 1.8})
+    # a warm-up step apart from the timed one
+    warmup, timed = summarize_metrics(lines, 16, count=1), summarize_metrics(lines, 16, first=1)
+    assert (warmup["steps"], warmup["timed_s"], warmup["response_tokens"]) == (1, 2.0, 100)
+    assert (timed["steps"], timed["timed_s"], timed["response_tokens"]) == (1, 4.0, 100)
 
 
 def test_pair_ratios_divide_tokens_per_second_within_each_pair():
@@ -72,6 +76,8 @@ def test_pair_ratios_divide_tokens_per_second_within_each_pair():
             {"pair": 1, "framework": "trl", "tokens_per_s": 120.0}, {"pair": 1, "framework": "gspo", "tokens_per_s": 240.0},
             {"pair": 2, "framework": "gspo", "tokens_per_s": 999.0}]  # no trl run: no ratio
     assert [(r["pair"], r["ratio"]) for r in pair_ratios(runs)] == [(0, 3.0), (1, 2.0)]
+    runs[0]["warmup"], runs[1]["warmup"] = {"tokens_per_s": 150.0}, {"tokens_per_s": 100.0}
+    assert pair_ratios(runs[:2])[0]["warmup_ratio"] == 1.5
 
 
 def test_padded_tokenizer_encodes_text_as_before_and_keeps_cache_keys(tmp_path):
@@ -95,9 +101,11 @@ def check_result(result: dict, frameworks: list[str]) -> None:
             assert key in run, (run["framework"], key)
         assert set(PHASES) <= set(run["phases"])
         # 4 prompts × 2 responses of at most 4 tokens; the 1,024-token vocabulary rarely ends one early
-        assert run["completions"] == 8 and 8 <= run["response_tokens"] <= 32
-        assert 0 < sum(run["phases"].values()) <= run["timed_s"] * 1.001
-        assert math.isclose(run["tokens_per_s"], run["response_tokens"] / run["timed_s"])
+        for steps in (run, run["warmup"]):  # the timed step, and the warm-up step before it
+            assert steps["steps"] == 1 and steps["completions"] == 8 and 8 <= steps["response_tokens"] <= 32
+            assert 0 < sum(steps["phases"].values()) <= steps["timed_s"] * 1.001
+            assert math.isclose(steps["tokens_per_s"], steps["response_tokens"] / steps["timed_s"])
+        assert 0 < run["prompt_tokens"] < 4 * 2 * 20  # the timed step's 8 prompts of at most ~11 characters
         assert 0 < run["utilisation"]["update"] and run["peak_rss_mib"] > 0
 
 
@@ -120,6 +128,9 @@ def test_a_pair_with_trl_reports_its_ratio_and_both_versions(tmp_path):
     (pair,) = result["pairs"]
     assert pair["ratio"] == pytest.approx(pair["gspo_tokens_per_s"] / pair["trl_tokens_per_s"])
     assert result["median_ratio"] == pair["ratio"]
+    assert result["median_warmup_ratio"] == pair["warmup_ratio"] > 0
+    gspo, trl = result["runs"]
+    assert gspo["prompt_tokens"] == trl["prompt_tokens"]  # the same timed prompts, counted apart
     assert result["versions"]["trl"] and result["versions"]["gspo-cli"]
 
 
