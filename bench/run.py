@@ -74,9 +74,11 @@ def with_rates(run: dict[str, Any], num_active: int, peak_flops: float) -> dict[
     flops = step_flops(num_active, run["prompt_tokens"] + run["response_tokens"])
     update_s = run["phases"]["update_s"]
     warmup = run.get("warmup")
+    if warmup:
+        warmup = {**warmup, "tokens_per_s": warmup["response_tokens"] / warmup["timed_s"]}
     return {
         **run,
-        "warmup": warmup and {**warmup, "tokens_per_s": warmup["response_tokens"] / warmup["timed_s"]},
+        "warmup": warmup,
         "tokens_per_s": run["response_tokens"] / run["timed_s"],
         "completions_per_s": run["completions"] / run["timed_s"],
         "flops": flops,

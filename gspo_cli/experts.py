@@ -105,7 +105,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
             silu_gate = F.silu(gate)
             torch.mm(grad_out[block].t(), silu_gate * up, out=grad_down[expert])  # the forward's activations
             grad_hidden = grad_out[block] @ down[expert]  # [rows, I]
-            grad_proj = torch.empty(rows, 2 * width, dtype=x.dtype, device=x.device)
+            grad_proj = x.new_empty(rows, 2 * width)
             # d/d gate of silu(gate)·up is up·silu'(gate); d/d up is silu(gate).
             torch.ops.aten.silu_backward(grad_hidden * up, gate, grad_input=grad_proj[:, :width])
             torch.mul(grad_hidden, silu_gate, out=grad_proj[:, width:])
