@@ -88,3 +88,21 @@ def test_autocast_falls_back_to_transformers_grouped_gemm(tiny_model_dir):
 @pytest.mark.parametrize("name", ["grouped_mm", "eager"])
 def test_other_implementations_can_be_chosen(tiny_model_dir, name):
     assert load_model(tiny_model_dir, experts_implementation=name).config._experts_implementation == name
+
+
+def test_sampling_path_is_bitwise_the_training_kernel(tiny_model):
+    """Without a graph (sampling) the experts run through `torch._grouped_mm` where torch has
+    it: the same numbers, bit for bit, as the autograd kernel the trainer runs, so π_old taken
+    from the sampler is the trainer's."""
+    model, _ = tiny_model
+    module = model.model.layers[0].mlp.experts
+    torch.manual_seed(1)
+    x = torch.randn(40, module.hidden_dim)
+    top_k_index = torch.randint(0, 3, (40, 2))  # the last expert idle: an empty group
+    top_k_weights = torch.rand(40, 2)
+    with torch.enable_grad():
+        trained = experts.sorted_experts_forward(module, x, top_k_index, top_k_weights)
+    with torch.no_grad():
+        sampled = experts.sorted_experts_forward(module, x, top_k_index, top_k_weights)
+    assert trained.requires_grad and not sampled.requires_grad
+    assert torch.equal(sampled, trained.detach())
