@@ -123,6 +123,19 @@ def old_logprobs(sampler, rollout: Rollout, ctx: StepContext, minibatches: Seque
     return old_logp, old_routes
 
 
+def reference_logprobs(ref_model, rollout: Rollout, minibatches: Sequence[torch.Tensor],
+                       temperature: float) -> torch.Tensor:
+    """log π_ref [N, T] of every row, one mini-batch at a time (peak memory: one mini-batch's
+    [n, T, V] logits, as for π_old; a whole batch of a 150k-token vocabulary would not fit)."""
+    T = rollout.response_mask.shape[1]
+    ref_logp = torch.empty(rollout.input_ids.shape[0], T, device=rollout.input_ids.device)
+    with torch.no_grad():
+        for rows in minibatches:
+            ref_logp[rows], _ = response_logprobs(ref_model, rollout.input_ids[rows], rollout.attention_mask[rows],
+                                                  T, temperature)
+    return ref_logp
+
+
 def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Batch, dict[str, float]]:
     """Sample and score a batch (refilled by dynamic sampling if set), then compute the
     advantages, π_old (with the experts it chose), the sampler/trainer gap and log π_ref."""
@@ -163,9 +176,7 @@ def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Bat
 
     ref_logp = None
     if ctx.ref_model is not None:
-        with torch.no_grad():
-            ref_logp, _ = response_logprobs(ctx.ref_model, rollout.input_ids, rollout.attention_mask,
-                                            mask.shape[1], tc.temperature)
+        ref_logp = reference_logprobs(ctx.ref_model, rollout, order.chunk(tc.num_minibatches), tc.temperature)
     sampler.train()
     # π_old's entropy is the sampler's: the same distribution, and no further pass is needed for it.
     return Batch(rollout, rewards, advantages, old_logp, rollout.entropy, ref_logp, old_routes, order,
@@ -230,12 +241,14 @@ def update_policy(policy, optimizer, scheduler, batch: Batch, ctx: StepContext) 
     The first mini-batch is on-policy (no step taken yet): its forward pass gives the
     trainer's π_old, which is compared with the sampler's numbers (`mismatch/*`) and, when
     π_old is recomputed, fills that mini-batch's π_old. A mini-batch whose loss or gradient
-    is not finite is skipped (no optimizer step) and counted in `faults/skipped_steps`.
+    is not finite is skipped (no optimizer step) and counted in `faults/skipped_steps`; the
+    other metrics average the applied mini-batches (NaN loss and grad_norm if none was).
     """
     tc = ctx.cfg.trainer
     rollout, num_seqs = batch.rollout, batch.rewards.numel()
     order = batch.order if batch.order is not None else torch.randperm(num_seqs, generator=ctx.generator)
-    sums: dict[str, float] = {"faults/skipped_steps": 0.0}
+    sums: dict[str, float] = {}
+    skipped = 0
     mismatch: dict[str, float] = {}
     for i, indices in enumerate(order.chunk(tc.num_minibatches)):
         fill_old = i == 0 and batch.first_minibatch_is_old
@@ -250,16 +263,21 @@ def update_policy(policy, optimizer, scheduler, batch: Batch, ctx: StepContext) 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.max_grad_norm)
-        if torch.isfinite(loss) and torch.isfinite(grad_norm):
+        finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+        if finite:
             optimizer.step()
-        else:  # one NaN must not poison the weights or Adam's moments
+        else:  # one NaN must not poison the weights, Adam's moments or the step's averages
             optimizer.zero_grad(set_to_none=True)
-            sums["faults/skipped_steps"] += 1
+            skipped += 1
         scheduler.step()
-        metrics = {"loss": loss.detach(), "grad_norm": grad_norm, **metrics, **routing}
-        for name, value in metrics.items():
-            sums[name] = sums.get(name, 0.0) + float(value) / tc.num_minibatches
-    return {**sums, **mismatch}
+        if not finite:
+            continue
+        for name, value in {"loss": loss.detach(), "grad_norm": grad_norm, **metrics, **routing}.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+    applied = tc.num_minibatches - skipped
+    means = {name: total / applied for name, total in sums.items()} if applied else {
+        "loss": float("nan"), "grad_norm": float("nan")}
+    return {**means, "faults/skipped_steps": float(skipped), **mismatch}
 
 
 def rollout_metrics(batch: Batch) -> dict[str, float]:

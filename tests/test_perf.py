@@ -128,6 +128,26 @@ def test_old_logp_by_minibatch_equals_one_forward_pass_and_leaves_the_first_to_f
     routing.remove()
 
 
+def test_reference_logp_by_minibatch_equals_one_forward_pass_over_every_row(tiny_model):
+    """log π_ref is computed a mini-batch at a time (memory), and no row is left out."""
+    from gspo_cli.steps import reference_logprobs
+
+    model, tokenizer = tiny_model
+    model.eval()
+    prompts = [f"{a}*{a}=" for a in range(10)]
+    rollout = generate_rollout(model, tokenizer, prompts, 4, 1.0, torch.Generator().manual_seed(1))
+    T = rollout.response_mask.shape[1]
+    passes = []
+    hook = model.register_forward_hook(lambda module, args, out: passes.append(out.logits.shape[0]))
+    minibatches = torch.randperm(10, generator=torch.Generator().manual_seed(1)).chunk(3)  # 4, 4, 2 rows
+    logp = reference_logprobs(model, rollout, minibatches, temperature=0.7)
+    hook.remove()
+    with torch.no_grad():
+        whole, _ = response_logprobs(model, rollout.input_ids, rollout.attention_mask, T, 0.7)
+    assert passes == [4, 4, 2]
+    assert torch.allclose(logp, whole, atol=1e-6)
+
+
 def test_first_minibatch_gives_pi_old_so_recompute_runs_one_pass_fewer(tmp_path, cache_dir, monkeypatch):
     """algo.old_logp=recompute with 2 mini-batches: one π_old pass (the second mini-batch),
     the first mini-batch's ratio is exactly 1, and every row ends with a finite π_old."""
