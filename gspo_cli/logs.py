@@ -69,16 +69,21 @@ def resolve_wandb_mode(cfg_mode: Optional[str], env: Mapping[str, str],
     return "offline"
 
 
-def drop_records_from(path: Path, step: int) -> None:
-    """Remove the JSON lines whose "step" is `step` or later (and a torn last line)."""
-    if step <= 0 or not path.exists():
-        return
+def drop_records_from(path: Path, step: int) -> int:
+    """Remove the JSON lines whose "step" is `step` or later (and a torn last line); returns
+    how many lines went. Step 0 empties the file: a fresh run in a used directory (resume
+    found no checkpoint, or a fixed `hydra.run.dir`) must not append to an earlier run's log."""
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines()
     kept = []
-    for line in path.read_text().splitlines():
+    for line in lines:
         with contextlib.suppress(ValueError):
             if json.loads(line).get("step", 0) < step:
                 kept.append(line + "\n")
-    path.write_text("".join(kept))
+    if len(kept) < len(lines):
+        path.write_text("".join(kept))
+    return len(lines) - len(kept)
 
 
 class RunLogger:
@@ -108,7 +113,7 @@ class RunLogger:
             resume_id: W&B run id to continue (a resumed run); None starts a new run.
             start_step: First step this process logs; records of later steps left by an
                 interrupted process are dropped from the local logs, so that they read as
-                one uninterrupted run.
+                one uninterrupted run. 0 (a fresh run) drops every record found there.
         """
         self.enabled = enabled
         self.wandb_run: Any = None
@@ -125,8 +130,7 @@ class RunLogger:
         self._latest: dict[str, float] = {}
         self._started = time.monotonic()
         self._first: Optional[tuple[int, float]] = None  # (step, time) of the first log
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            drop_records_from(self.run_dir / name, start_step)
+        dropped = sum(drop_records_from(self.run_dir / name, start_step) for name in ("metrics.jsonl", "samples.jsonl"))
         # Line-buffered: each line reaches the OS whole, so a killed run leaves complete lines.
         self._metrics_file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         self._samples_file = None  # opened on first use: most runs log few samples
@@ -146,6 +150,9 @@ class RunLogger:
             )
             self._task = self._progress.add_task(run_name, total=total_steps, metrics="")
             self._progress.start()
+        if dropped:
+            kind = "an earlier run" if start_step == 0 else f"steps from {start_step} on (resumed)"
+            self._emit(f"{self.run_dir}: {dropped} logged records of {kind} removed from metrics.jsonl/samples.jsonl")
 
     @property
     def wandb_id(self) -> Optional[str]:

@@ -45,6 +45,18 @@ def test_metrics_jsonl_one_line_per_call(tmp_path: Path) -> None:
     assert isinstance(rows[1]["loss"], float)
 
 
+def test_fresh_run_replaces_and_resumed_run_continues_an_earlier_log(tmp_path: Path, capsys) -> None:
+    for _ in range(2):  # the same directory twice, as a fixed hydra.run.dir gives
+        with make_logger(tmp_path) as logger:
+            for step in range(3):
+                logger.log({"loss": float(step)}, step=step)
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [0, 1, 2]
+    assert "3 logged records of an earlier run removed" in capsys.readouterr().out
+    with make_logger(tmp_path, start_step=2) as logger:  # resumed from the checkpoint of step 2
+        logger.log({"loss": 9.0}, step=3)
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [0, 1, 3]
+
+
 def test_offline_wandb_run_records_metrics(tmp_path: Path) -> None:
     cfg = LoggerConfig(wandb=True, project="p", tags=["t"], console_every=5)
     logger = make_logger(tmp_path, cfg=cfg)
