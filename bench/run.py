@@ -52,6 +52,16 @@ def git_commit() -> str | None:
         return None
 
 
+def default_results_path(results_dir: Path, day: dt.date) -> Path:
+    """`<day>.json`, or `<day>-2.json`, `-3`, ... when that day already has a record: a second
+    invocation on one day must not overwrite the first."""
+    path, n = results_dir / f"{day.isoformat()}.json", 1
+    while path.exists():
+        n += 1
+        path = results_dir / f"{day.isoformat()}-{n}.json"
+    return path
+
+
 def run_worker(framework: str, workload: Workload, cache_dir: Path, work_dir: Path, index: int) -> dict[str, Any]:
     """Run one measurement in a fresh `python -m bench.worker` process; its log goes to a file."""
     run_dir = work_dir / f"{index:02d}-{framework}"
@@ -236,7 +246,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--matmul-seconds", type=float, default=0.5, help="time per matmul reference shape")
     parser.add_argument("--cache-dir", type=Path,
                         default=Path(os.environ.get("GSPO_CACHE_DIR", "~/.cache/gspo")).expanduser())
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<date>.json)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default bench/results/<date>.json, <date>-2.json if that exists, ...)")
     return parser.parse_args(argv)
 
 
@@ -256,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                args.matmul_seconds, log=console.print)
     result["command"] = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
     print_report(result, console)
-    out = args.out or RESULTS_DIR / f"{dt.date.today().isoformat()}.json"
+    out = args.out or default_results_path(RESULTS_DIR, dt.date.today())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     console.print(f"wrote {out}")

@@ -1,5 +1,6 @@
 """The throughput benchmark (bench/): FLOP counts, the bookkeeping, and a tiny run end to end."""
 
+import datetime
 import json
 import math
 from pathlib import Path
@@ -107,6 +108,17 @@ def check_result(result: dict, frameworks: list[str]) -> None:
             assert math.isclose(steps["tokens_per_s"], steps["response_tokens"] / steps["timed_s"])
         assert 0 < run["prompt_tokens"] < 4 * 2 * 20  # the timed step's 8 prompts of at most ~11 characters
         assert 0 < run["utilisation"]["update"] and run["peak_rss_mib"] > 0
+
+
+def test_a_second_invocation_on_one_day_does_not_overwrite_the_first(tmp_path):
+    from bench.run import default_results_path
+
+    day = datetime.date(2026, 11, 30)
+    assert default_results_path(tmp_path, day) == tmp_path / "2026-11-30.json"
+    (tmp_path / "2026-11-30.json").write_text("{}")
+    assert default_results_path(tmp_path, day) == tmp_path / "2026-11-30-2.json"
+    (tmp_path / "2026-11-30-2.json").write_text("{}")
+    assert default_results_path(tmp_path, day) == tmp_path / "2026-11-30-3.json"
 
 
 def test_project_only_run_writes_the_result_json(tmp_path, monkeypatch):
