@@ -171,3 +171,19 @@ def test_matmul_reference_in_bf16():
 
     ref = matmul_throughput([(64, 32, 16)], seconds=0.01, dtype=torch.bfloat16)
     assert ref["best_flops_per_s"] > 0 and ref["dtype"] == "bfloat16" and ref["device"] == "cpu"
+
+
+def test_the_real_size_gpu_entry_has_qwen3_30b_a3b_layers(tmp_path):
+    """`--model bench-qwen3-moe-gpu` composes into the shape its config file states (built on
+    the meta device: no memory, no time)."""
+    from bench.workload import Workload, compose_train_config, project_overrides
+    from gspo_cli.models import build_char_tokenizer, build_tiny_model
+
+    cfg = compose_train_config(project_overrides(Workload(model="bench-qwen3-moe-gpu", device="cuda"), tmp_path))
+    assert cfg.hardware.device == "cuda" and not cfg.model.warm_start.enabled
+    tokenizer = build_char_tokenizer(cfg.model.build.vocab_size)
+    with torch.device("meta"):
+        model = build_tiny_model(cfg.model.build, tokenizer, seed=0)
+    assert len(tokenizer) == 151_936
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 2.80
+    assert round(active_params(model.config) / 1e9, 2) == 0.54
