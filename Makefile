@@ -37,7 +37,7 @@ $(VENV)/.installed-bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet $(PIP_EXTRA) -e ".[bench]"
 	touch $@
 
-bench: $(VENV)/.installed-bench  ## throughput vs TRL, ~4 min on 2 idle cores (options: make bench ARGS='--pairs 5')
+bench: $(VENV)/.installed-bench  ## throughput vs TRL, ~7 min on 2 idle cores (options: make bench ARGS='--pairs 3')
 	$(BIN)/python -m bench.run $(ARGS)
 
 clean:  ## remove the virtual environment and caches (not outputs/)
