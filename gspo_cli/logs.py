@@ -130,7 +130,8 @@ class RunLogger:
         self._latest: dict[str, float] = {}
         self._started = time.monotonic()
         self._first: Optional[tuple[int, float]] = None  # (step, time) of the first log
-        dropped = sum(drop_records_from(self.run_dir / name, start_step) for name in ("metrics.jsonl", "samples.jsonl"))
+        dropped = sum(drop_records_from(self.run_dir / name, start_step)
+                      for name in ("metrics.jsonl", "samples.jsonl"))
         # Line-buffered: each line reaches the OS whole, so a killed run leaves complete lines.
         self._metrics_file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         self._samples_file = None  # opened on first use: most runs log few samples
