@@ -217,9 +217,13 @@ def print_report(result: dict[str, Any], console: Console) -> None:
     if result["source_changed_during_run"]:
         console.print(f"[bold red]gspo_cli changed while the benchmark ran (source digests {v['gspo_source_digests']}):"
                       " its runs measured different code[/bold red]")
-    ref = result["matmul"]["start"]
-    console.print(f"dense matmul reference: {result['matmul']['best_flops_per_s'] / 1e9:.1f} GFLOP/s "
-                  f"({ref['dtype']} on {ref['device']}, {m['torch_threads']} CPU threads); {result['flops_formula']}")
+    matmul = result["matmul"]
+    ref = matmul["start"]
+    # Both ends are shown: on a shared machine the clock, and with it the matmul speed, drifts during a run.
+    console.print(f"dense matmul reference: {matmul['best_flops_per_s'] / 1e9:.1f} GFLOP/s "
+                  f"(best; {ref['best_flops_per_s'] / 1e9:.0f} at the start, {matmul['end']['best_flops_per_s'] / 1e9:.0f} "
+                  f"at the end; {ref['dtype']} on {ref['device']}, {m['torch_threads']} CPU threads); "
+                  f"{result['flops_formula']}")
     console.print(f"versions: gspo-cli {v['gspo-cli']} (commit {v['git_commit']}, source {','.join(v['gspo_source_digests'])}), trl {v['trl']}, torch {v['torch']}, "
                   f"transformers {v['transformers']}; load average {m['load_avg_start'][0]:.1f} → "
                   f"{m['load_avg_end'][0]:.1f} on {m['cpu_count']} CPUs (shared machine: measured under that load)")
