@@ -177,14 +177,11 @@ def sorted_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_i
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-    if torch.is_grad_enabled():
-        by_expert = _GatherTokens.apply(hidden_states, order, inverse, k)  # [S, H]
-        outputs = _GroupedSwiGLU.apply(by_expert, self.gate_up_proj, self.down_proj, counts)
-        per_token = _PermuteRows.apply(outputs, inverse, order).view(num_tokens, k, width)
-    else:  # sampling: no graph to record
-        by_expert = hidden_states.index_select(0, order // k)
-        outputs = grouped_swiglu_inference(by_expert, self.gate_up_proj, self.down_proj, counts)
-        per_token = outputs.index_select(0, inverse).view(num_tokens, k, width)
+    by_expert = _GatherTokens.apply(hidden_states, order, inverse, k)  # [S, H]
+    # Sampling records no graph, so its experts can run without the autograd kernel's loop.
+    swiglu = _GroupedSwiGLU.apply if torch.is_grad_enabled() else grouped_swiglu_inference
+    outputs = swiglu(by_expert, self.gate_up_proj, self.down_proj, counts)
+    per_token = _PermuteRows.apply(outputs, inverse, order).view(num_tokens, k, width)
     # Weighted sum over the k experts of each token: [T, 1, k] @ [T, k, H].
     return torch.bmm(top_k_weights.unsqueeze(1).to(per_token.dtype), per_token).squeeze(1)
 
