@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from gspo_cli.config import TrainConfig
-from gspo_cli.tasks import build_task
-from gspo_cli.train import resolve_model_path, train
+from gspo_cli.data.tasks import build_task
+from gspo_cli.train.loop import resolve_model_path, train
 
 # Phase timings the trainer logs every step (issue 9, item 1), in `metrics.jsonl`.
 PHASES = ("generate_s", "reward_s", "old_logp_s", "update_s")

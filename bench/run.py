@@ -125,7 +125,7 @@ def run_benchmark(workload: Workload, pairs: int, with_trl: bool, cache_dir: Pat
     from transformers.utils import logging as hf_logging
 
     from bench.project import prepare_model_dir
-    from gspo_cli.models import count_parameters, load_model, load_tokenizer
+    from gspo_cli.models.loading import count_parameters, load_model, load_tokenizer
 
     if workload.num_threads > 0:
         torch.set_num_threads(workload.num_threads)  # the matmul reference uses the runs' thread count

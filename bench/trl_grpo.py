@@ -25,8 +25,8 @@ import torch
 
 from bench.workload import Workload
 from gspo_cli.config import TrainConfig
-from gspo_cli.models import load_tokenizer
-from gspo_cli.tasks import Problem, build_task
+from gspo_cli.data.tasks import Problem, build_task
+from gspo_cli.models.loading import load_tokenizer
 
 
 def timed_trainer_class():

@@ -39,7 +39,7 @@ def peak_rss_mib() -> float:
 def run_one(framework: str, workload: Workload, cache_dir: Path, run_dir: Path) -> dict[str, Any]:
     """Run `workload` once with `framework` ("gspo" or "trl"); timings, token counts and memory."""
     from bench.project import prepare_model_dir, run_project
-    from gspo_cli.models import load_tokenizer
+    from gspo_cli.models.loading import load_tokenizer
 
     cfg = compose_train_config(project_overrides(workload, cache_dir))
     model_dir = prepare_model_dir(cfg)

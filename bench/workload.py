@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from gspo_cli.cli import CONF_DIR
 from gspo_cli.config import TrainConfig, register_configs
-from gspo_cli.tasks import Problem, PromptStream, build_task
+from gspo_cli.data.tasks import Problem, PromptStream, build_task
 
 # Held-out prompts: the trainer always evaluates greedily before step 1 and after the last
 # step. Both evaluations fall outside the timed steps; a small held-out set keeps them short.

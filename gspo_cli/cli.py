@@ -38,9 +38,8 @@ Config groups and their options: gspo train --help
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def train_app(cfg: DictConfig) -> float:
     """Hydra entry point of `gspo train`; returns the final accuracy (for sweepers)."""
-    from gspo_cli.report import record_job
-
     from gspo_cli.launch import run
+    from gspo_cli.report.sweep import record_job
 
     typed: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -54,7 +53,7 @@ def train_app(cfg: DictConfig) -> float:
 def user_errors_in_one_line():
     """Errors in what the user gave (config values, paths, files, imports) end the run with one
     line and exit status 1; the traceback only with HYDRA_FULL_ERROR=1, as Hydra does."""
-    from gspo_cli.guards import TrainingDiverged
+    from gspo_cli.train.guards import TrainingDiverged
 
     try:
         yield
@@ -91,7 +90,7 @@ def sweep_arguments(args: list[str], now: str) -> tuple[list[str], str, float, b
     Returns:
         (Hydra arguments, sweep directory, report target accuracy, whether to report).
     """
-    from gspo_cli.report import DEFAULT_TARGET
+    from gspo_cli.report.sweep import DEFAULT_TARGET
 
     target, rest, i = DEFAULT_TARGET, [], 0
     while i < len(args):  # `--target X` / `--target=X` is ours, not Hydra's
@@ -128,7 +127,7 @@ def sweep_command(args: list[str]) -> None:
     """
     import time
 
-    from gspo_cli.report import build_report
+    from gspo_cli.report.sweep import build_report
 
     hydra_args, sweep_dir, target, report = sweep_arguments(args, time.strftime("%Y-%m-%d_%H-%M-%S"))
     register_configs()
@@ -148,7 +147,7 @@ def report_command(args: list[str]) -> None:
     """`gspo report SWEEP_DIR [--target ACC]`: summary.csv, tables and plots from the runs' files."""
     import argparse
 
-    from gspo_cli.report import DEFAULT_TARGET, build_report
+    from gspo_cli.report.sweep import DEFAULT_TARGET, build_report
 
     parser = argparse.ArgumentParser(prog="gspo report", description=report_command.__doc__)
     parser.add_argument("sweep_dir", help="directory of a `gspo sweep` (holds one directory per job)")
@@ -166,7 +165,7 @@ def plot_command(args: list[str]) -> None:
     """`gspo plot RUN_DIR... [--out FILE.png]`: training curves of runs side by side."""
     import argparse
 
-    from gspo_cli.plots import plot_runs
+    from gspo_cli.report.plots import plot_runs
 
     parser = argparse.ArgumentParser(prog="gspo plot", description=plot_command.__doc__)
     parser.add_argument("run_dirs", nargs="+", help="run directories holding metrics.jsonl")

@@ -81,7 +81,7 @@ class ModelConfig:
     choice elsewhere), `default` (transformers' choice), `gspo_sorted`, or a transformers name:
     `grouped_mm`, `batched_mm`, `eager`."""
     fused_rms_norm: bool = True
-    """Run float32 RMSNorms (Qwen, Llama, Mistral) as one autograd node (`gspo_cli/norms.py`):
+    """Run float32 RMSNorms (Qwen, Llama, Mistral) as one autograd node (`gspo_cli/models/kernels/rms_norm.py`):
     the same outputs bit for bit, gradients equal up to rounding, about half the time."""
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     """Supervised warm start before RL (the local stand-in for a pretrained base)."""
@@ -223,7 +223,7 @@ class HardwareConfig:
     """CPU threads for torch (per process); 0 keeps torch's default (one per physical core)."""
     keep_freed_memory: bool = True
     """Keep freed host memory for reuse instead of unmapping large blocks at every free
-    (glibc `mallopt`; no effect elsewhere): no page faults in steady state (`gspo_cli/host.py`)."""
+    (glibc `mallopt`; no effect elsewhere): no page faults in steady state (`gspo_cli/train/host.py`)."""
     fused_adamw: bool = True
     """AdamW's fused kernel (on CPU 5x faster than the foreach one for the same result up to rounding)."""
     strategy: str = "ddp"

@@ -1,7 +1,8 @@
-"""Evaluation: greedy accuracy, mean@k, unbiased pass@k and maj@k on held-out problems.
+"""The `gspo eval` job: greedy accuracy, mean@k, unbiased pass@k and maj@k of checkpoints on
+held-out problems.
 
-`greedy_eval` is what the training loop calls; `gspo eval` (`run_eval`) adds k sampled
-responses per problem and scores any Hugging Face causal-LM directory the same way.
+The greedy pass is the training loop's own (`rollout.evaluation.greedy_eval`); this job adds
+k sampled responses per problem and scores any Hugging Face causal-LM directory the same way.
 """
 
 from __future__ import annotations
@@ -17,47 +18,10 @@ from omegaconf import OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gspo_cli.config import EvalConfig
-from gspo_cli.rewards import final_answer
-from gspo_cli.rollout import generate_rollout
-from gspo_cli.tasks import Problem, Task
-
-
-@torch.no_grad()
-def greedy_eval(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    task: Task,
-    problems: list[Problem],
-    max_new_tokens: int,
-    batch_size: int = 256,
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Greedy-decode every problem once and score it.
-
-    Returns:
-        (metrics, samples): `eval/accuracy` (share of rewards equal to 1), `eval/reward`
-        (mean reward) and `eval/response_length`; one sample dict per problem.
-    """
-    was_training = model.training
-    model.eval()
-    rewards, lengths, samples = [], [], []
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start:start + batch_size]
-        rollout = generate_rollout(model, tokenizer, [p.prompt for p in chunk], max_new_tokens, temperature=0.0)
-        lengths.extend(rollout.response_mask.sum(1).tolist())
-        for problem, completion in zip(chunk, rollout.completions):
-            reward = task.reward(completion, problem.answer)
-            rewards.append(reward)
-            samples.append({"prompt": problem.prompt, "completion": completion,
-                            "answer": problem.answer, "reward": reward})
-    model.train(was_training)
-    n = max(len(rewards), 1)
-    metrics = {
-        "eval/accuracy": sum(r >= 1.0 for r in rewards) / n,
-        "eval/reward": sum(rewards) / n,
-        "eval/response_length": sum(lengths) / n,
-    }
-    return metrics, samples
-
+from gspo_cli.data.rewards import final_answer
+from gspo_cli.data.tasks import Problem, Task
+from gspo_cli.rollout.evaluation import greedy_eval
+from gspo_cli.rollout.generate import generate_rollout
 
 # ---------------------------------------------------------------------------- k-sample metrics
 
@@ -190,7 +154,7 @@ def checkpoint_label(path: str) -> str:
 
 def evaluate_checkpoint(path: str, cfg: EvalConfig, task: Task) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Load one causal LM and score it on the task's held-out split: greedy, then n samples."""
-    from gspo_cli.models import load_model, load_tokenizer
+    from gspo_cli.models.loading import load_model, load_tokenizer
 
     ec = cfg.eval
     n = ec.n or ec.k
@@ -226,9 +190,9 @@ def run_eval(cfg: EvalConfig, run_dir: Path) -> list[dict[str, Any]]:
     """Evaluate every checkpoint; write `eval.json` and one W&B run (job_type=eval) per checkpoint."""
     from rich.console import Console
 
-    from gspo_cli.host import configure_host
-    from gspo_cli.logs import RunLogger
-    from gspo_cli.tasks import build_task
+    from gspo_cli.data.tasks import build_task
+    from gspo_cli.report.logs import RunLogger
+    from gspo_cli.train.host import configure_host
 
     configure_host(cfg.hardware.num_threads, cfg.hardware.keep_freed_memory)
     task = build_task(cfg.task)

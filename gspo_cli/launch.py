@@ -58,7 +58,7 @@ def torchrun_command(hardware: HardwareConfig, run_dir: Path) -> list[str]:
 
 def run(cfg: TrainConfig, run_dir: Path) -> dict:
     """Train in this process (world size 1) or under torchrun; returns the final record (rank 0)."""
-    from gspo_cli.train import train
+    from gspo_cli.train.loop import train
 
     write_resolved_config(cfg, run_dir)
     if world_size(cfg.hardware) == 1:
@@ -66,7 +66,7 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
     code = subprocess.call(torchrun_command(cfg.hardware, run_dir))
     if code != 0:
         raise SystemExit(f"torchrun exited with status {code}")
-    from gspo_cli.plots import read_metrics
+    from gspo_cli.report.plots import read_metrics
 
     records = read_metrics(run_dir)
     return {k: v for r in records for k, v in r.items()}  # the latest value of every metric
@@ -74,7 +74,7 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
 
 def worker_main(argv: list[str] | None = None) -> None:
     """Entry point of each torchrun rank: `python -m gspo_cli.launch RUN_DIR`."""
-    from gspo_cli.train import train
+    from gspo_cli.train.loop import train
 
     run_dir = Path((argv or sys.argv[1:])[0])
     train(read_resolved_config(run_dir), run_dir)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,8 @@ from hydra.core.global_hydra import GlobalHydra
 
 from gspo_cli.cli import CONF_DIR
 from gspo_cli.config import ModelConfig, TinyModelSpec, TrainConfig, register_configs
-from gspo_cli.models import built_model_dir, load_model, load_tokenizer
+from gspo_cli.models.build import built_model_dir
+from gspo_cli.models.loading import load_model, load_tokenizer
 
 # A model small enough that a test step takes milliseconds.
 TEST_SPEC = TinyModelSpec(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from gspo_cli.config import TrainConfig
-from gspo_cli.dist import init_distributed, shutdown, wrap_model
-from gspo_cli.models import load_model
-from gspo_cli.rollout import Rollout
-from gspo_cli.steps import Batch, StepContext, mean_over_ranks, update_policy
+from gspo_cli.models.loading import load_model
+from gspo_cli.rollout.generate import Rollout
+from gspo_cli.train.distributed import init_distributed, shutdown, wrap_model
+from gspo_cli.train.steps import Batch, StepContext, mean_over_ranks, update_policy
 
 
 def batch_rows(data: dict, rows: slice) -> Batch:
@@ -63,8 +63,8 @@ def sharded_save_worker(rank: int, world: int, port: int, model_dir: str, run_di
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from gspo_cli.checkpoint import save_sharded_checkpoint
-    from gspo_cli.models import load_tokenizer
+    from gspo_cli.models.loading import load_tokenizer
+    from gspo_cli.train.checkpoint import save_sharded_checkpoint
 
     env = init_distributed("cpu")
     model = wrap_model(load_model(model_dir), "fsdp", env)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gspo_cli.aggregation import AGGREGATIONS, aggregate
+from gspo_cli.algo.aggregation import AGGREGATIONS, aggregate
 
 # Two responses of 2 and 3 tokens; the 99 sits on padding and must never count.
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])

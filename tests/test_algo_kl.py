@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from gspo_cli.kl import kl_estimate, logp_mismatch, truncated_is_weights
+from gspo_cli.algo.kl import kl_estimate
+from gspo_cli.algo.rollout_correction import logp_mismatch, truncated_is_weights
 
 
 @pytest.mark.parametrize("estimator,expected", [

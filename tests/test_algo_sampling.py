@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from gspo_cli.rollout import Rollout
-from gspo_cli.sampling import (concat_rollouts, fill_with_informative_groups, informative_groups,
-                               overlong_penalty, select_rows)
+from gspo_cli.algo.batch_shaping import informative_groups, overlong_penalty
+from gspo_cli.rollout.generate import Rollout
+from gspo_cli.rollout.refill import concat_rollouts, fill_with_informative_groups, rollout_rows
 
 PAD = 0
 
@@ -38,13 +38,13 @@ def test_concat_pads_prompts_left_and_responses_right():
     assert both.response_mask[2].tolist() == [1.0, 0.0, 0.0]
     assert both.logp[2].tolist() == [-2.0, 0.0, 0.0]
     assert both.completions == ["1-0", "1-1", "2-0"]
-    assert select_rows(both, torch.tensor([2])).completions == ["2-0"]
+    assert rollout_rows(both, torch.tensor([2])).completions == ["2-0"]
     # Routes are padded like the tokens, with the valid experts (0, 1) on padding.
     routes = both.routes[0]
     assert routes.shape == (3, 7, 2)
     assert routes[0, :, 0].tolist() == [0, 0, 1, 1, 1, 1, 1] and routes[0, :, 1].tolist() == [1, 1, 1, 1, 1, 1, 1]
     assert routes[2, :, 0].tolist() == [2, 2, 2, 2, 2, 0, 0]
-    assert torch.equal(select_rows(both, torch.tensor([2])).routes[0], routes[2:3])
+    assert torch.equal(rollout_rows(both, torch.tensor([2])).routes[0], routes[2:3])
 
 
 def test_zero_variance_groups_are_dropped_and_refilled():

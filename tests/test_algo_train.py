@@ -4,13 +4,13 @@ import json
 import math
 
 import pytest
-
-import gspo_cli.steps as steps
-import gspo_cli.train as train_module
 from conftest import compose_train
-from gspo_cli.steps import old_logp_source
-from gspo_cli.train import train
 from test_train import STEP_METRICS, small_overrides
+
+import gspo_cli.train.loop as train_module
+import gspo_cli.train.steps as steps
+from gspo_cli.train.loop import train
+from gspo_cli.train.steps import old_logp_source
 
 # On CPU in float32 the sampler (KV cache, one token at a time) and the trainer (one full forward
 # pass) compute the same log-probabilities up to float rounding, ~1e-6; 1e-4 leaves room for

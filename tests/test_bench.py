@@ -3,7 +3,6 @@
 import datetime
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +12,7 @@ from bench.flops import active_params, matmul_shapes, step_flops
 from bench.project import summarize_metrics
 from bench.run import main, pair_ratios
 from gspo_cli.config import ModelConfig, TinyModelSpec
-from gspo_cli.models import build_char_tokenizer, built_model_dir
+from gspo_cli.models.build import build_char_tokenizer, built_model_dir
 
 # A one-layer, 32-wide MoE keeps each run to a second or two; the 1,024-token vocabulary of
 # bench-qwen3-moe stays, so that random responses run to full length as in the real workload.
@@ -177,7 +176,7 @@ def test_the_real_size_gpu_entry_has_qwen3_30b_a3b_layers(tmp_path):
     """`--model bench-qwen3-moe-gpu` composes into the shape its config file states (built on
     the meta device: no memory, no time)."""
     from bench.workload import Workload, compose_train_config, project_overrides
-    from gspo_cli.models import build_char_tokenizer, build_tiny_model
+    from gspo_cli.models.build import build_char_tokenizer, build_tiny_model
 
     cfg = compose_train_config(project_overrides(Workload(model="bench-qwen3-moe-gpu", device="cuda"), tmp_path))
     assert cfg.hardware.device == "cuda" and not cfg.model.warm_start.enabled

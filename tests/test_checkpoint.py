@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from gspo_cli.checkpoint import (latest_checkpoint, list_checkpoints, load_trainer_state, rng_state, save_checkpoint,
-                                 set_rng_state)
+from gspo_cli.train.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_trainer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 
 def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_train import small_overrides
 
 

@@ -3,14 +3,14 @@
 from pathlib import Path
 
 import pytest
+from conftest import compose_train
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from conftest import compose_train
+from gspo_cli.algo.losses import LOSSES
 from gspo_cli.cli import CONF_DIR
 from gspo_cli.config import TrainConfig
-from gspo_cli.losses import LOSSES
-from gspo_cli.rewards import REWARDS
+from gspo_cli.data.rewards import REWARDS
 
 GROUPS = ["model", "task", "algo", "hardware", "logger", "experiment"]
 

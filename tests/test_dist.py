@@ -5,12 +5,13 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from dist_workers import one_update, sharded_save_worker, update_worker
-from gspo_cli.advantages import group_normalized_advantages
-from gspo_cli.checkpoint import is_sharded, latest_checkpoint, load_sharded_model
-from gspo_cli.models import load_model
-from gspo_cli.rollout import generate_rollout, response_logprobs
+
+from gspo_cli.algo.advantages import compute_advantages
+from gspo_cli.models.loading import load_model
+from gspo_cli.rollout.generate import generate_rollout
+from gspo_cli.rollout.scoring import response_logprobs
+from gspo_cli.train.checkpoint import is_sharded, latest_checkpoint, load_sharded_model
 
 
 def free_port() -> int:
@@ -22,19 +23,18 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def global_batch(tmp_path_factory, tiny_model_dir):
     """8 prompts × 4 responses from the tiny MoE, rewards drawn at random, π_old slightly off-policy."""
-    from gspo_cli.models import load_tokenizer
+    from gspo_cli.models.loading import load_tokenizer
 
     model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     prompts = [f"{a}+{a + 1}=" for a in range(8) for _ in range(4)]
     rollout = generate_rollout(model, tokenizer, prompts, 4, 1.0, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logp, entropy = response_logprobs(model, rollout.input_ids, rollout.attention_mask,
-                                          rollout.response_mask.shape[1], with_entropy=True)
+        logp = response_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.response_mask.shape[1])
     rewards = torch.randint(0, 2, (32,), generator=torch.Generator().manual_seed(1)).float()
     noise = 1e-3 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(2))
     data = dict(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-                response_mask=rollout.response_mask, old_logp=logp + noise, entropy=entropy, rewards=rewards,
-                advantages=group_normalized_advantages(rewards, 4))
+                response_mask=rollout.response_mask, old_logp=logp + noise, entropy=rollout.entropy, rewards=rewards,
+                advantages=compute_advantages(rewards, 4))
     path = tmp_path_factory.mktemp("batch") / "batch.pt"
     torch.save(data, path)
     return path

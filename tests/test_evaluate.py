@@ -6,18 +6,18 @@ import math
 
 import pytest
 import torch
+from conftest import compose_train
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
-
-from conftest import compose_train
-from gspo_cli.cli import CONF_DIR
-from gspo_cli.config import EvalConfig, register_configs
-from gspo_cli.evaluate import k_sample_metrics, maj_at_k, pass_at_k, run_eval, vote_key
-from gspo_cli.tasks import build_task
-from gspo_cli.train import resolve_model_path
 from test_train import small_overrides
 from wandb_files import read_finished_wandb_log
+
+from gspo_cli.cli import CONF_DIR
+from gspo_cli.config import EvalConfig, register_configs
+from gspo_cli.data.tasks import build_task
+from gspo_cli.evaluate import k_sample_metrics, maj_at_k, pass_at_k, run_eval, vote_key
+from gspo_cli.train.loop import resolve_model_path
 
 
 def brute_force_pass_at_k(n: int, c: int, k: int) -> float:

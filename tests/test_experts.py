@@ -1,4 +1,4 @@
-"""The sorted per-expert kernel (`gspo_cli.experts`) computes what transformers' experts compute."""
+"""The sorted per-expert kernel (`gspo_cli.models.kernels.experts`) computes what transformers' experts compute."""
 
 import json
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gspo_cli import experts
-from gspo_cli.models import load_model
-from gspo_cli.moe import is_moe
+from gspo_cli.models.kernels import experts
+from gspo_cli.models.loading import load_model
+from gspo_cli.models.routing import is_moe
 
 
 def reference_experts(x, gate_up, down, top_k_index, top_k_weights):

@@ -1,6 +1,6 @@
 """Numeric guards: bad-step counting and collapse warnings."""
 
-from gspo_cli.guards import BadStepCounter, CollapseMonitor
+from gspo_cli.train.guards import BadStepCounter, CollapseMonitor
 
 
 def test_bad_steps_must_be_in_a_row():
@@ -32,14 +32,14 @@ def test_non_finite_updates_are_skipped_then_the_run_stops_with_a_checkpoint(tmp
 
     import pytest
     import torch
-
     from conftest import compose_train
-    from gspo_cli import steps
-    from gspo_cli.checkpoint import latest_checkpoint
-    from gspo_cli.guards import TrainingDiverged
-    from gspo_cli.models import load_model
-    from gspo_cli.train import train
     from test_train import small_overrides
+
+    from gspo_cli.models.loading import load_model
+    from gspo_cli.train import steps
+    from gspo_cli.train.checkpoint import latest_checkpoint
+    from gspo_cli.train.guards import TrainingDiverged
+    from gspo_cli.train.loop import train
 
     real = steps.LOSSES["gspo"]
 
@@ -65,9 +65,10 @@ def test_one_nan_minibatch_is_skipped_counted_and_training_goes_on(tmp_path, cac
     import math
 
     from conftest import compose_train
-    from gspo_cli import steps
-    from gspo_cli.train import train
     from test_train import small_overrides
+
+    from gspo_cli.train import steps
+    from gspo_cli.train.loop import train
 
     real, calls = steps.LOSSES["gspo"], {"n": 0}
 

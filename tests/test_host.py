@@ -6,14 +6,14 @@ import sys
 import pytest
 import torch
 
-from gspo_cli.host import _mallopt, configure_host
+from gspo_cli.train.host import _mallopt, configure_host
 
 # A fresh interpreter (the heap of the test process depends on what ran before) writes a
 # 40 MiB tensor fourteen times and prints the page faults of each write. 40 MiB is over glibc's
 # largest mmap threshold (32 MiB), so by default each one is a fresh mapping faulted in page by page.
 FAULTS_PER_WRITE = """
 import resource, sys, torch
-from gspo_cli.host import reuse_freed_memory
+from gspo_cli.train.host import reuse_freed_memory
 if sys.argv[1] == "reuse":
     assert reuse_freed_memory()
 faults = []

@@ -3,9 +3,9 @@
 import json
 
 import pytest
-
 from conftest import compose_train
-from gspo_cli.train import train
+
+from gspo_cli.train.loop import train
 
 
 def run(algo, tmp_path, cache_dir):

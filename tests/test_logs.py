@@ -1,4 +1,4 @@
-"""Tests of `gspo_cli.logs`: metrics.jsonl, offline W&B (read back from disk) and the console."""
+"""Tests of `gspo_cli.report.logs`: metrics.jsonl, offline W&B (read back from disk) and the console."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import wandb
+from wandb_files import history_by_step, read_finished_wandb_log
 
-from gspo_cli import logs
 from gspo_cli.config import LoggerConfig
-from gspo_cli.logs import RunLogger, default_netrc_path, resolve_wandb_mode
-from wandb_files import history_by_step, read_finished_wandb_log, read_wandb_records
+from gspo_cli.report.logs import RunLogger, default_netrc_path, resolve_wandb_mode
 
 
 @pytest.fixture(autouse=True)

@@ -5,9 +5,18 @@ import math
 import pytest
 import torch
 
-from gspo_cli.aggregation import AGGREGATIONS, aggregate, aggregation_warning
-from gspo_cli.losses import (LOSSES, cispo_loss, gmpo_loss, gspo_loss, gspo_token_loss, grpo_loss, masked_mean,
-                             sapo_loss, sequence_log_ratio)
+from gspo_cli.algo.aggregation import AGGREGATIONS, aggregate, aggregation_warning
+from gspo_cli.algo.losses import (
+    LOSSES,
+    cispo_loss,
+    gmpo_loss,
+    grpo_loss,
+    gspo_loss,
+    gspo_token_loss,
+    masked_mean,
+    sapo_loss,
+    sequence_log_ratio,
+)
 
 # Two responses: the first has 2 tokens, the second 3 (one padding column for the first).
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])

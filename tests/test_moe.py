@@ -2,13 +2,20 @@
 
 import pytest
 import torch
-
-from gspo_cli.models import build_char_tokenizer, build_tiny_model
-from gspo_cli.moe import (MoERouting, RoutingReplayUnsupported, changed_fraction, find_routers, routes_by_sequence,
-                          routing_metrics, select_rows)
-from gspo_cli.rollout import encode_prompts, generate_rollout, positions_from_mask, response_logprobs
-
 from conftest import TEST_SPEC
+
+from gspo_cli.models.build import build_char_tokenizer, build_tiny_model
+from gspo_cli.models.routing import (
+    MoERouting,
+    RoutingReplayUnsupported,
+    changed_fraction,
+    find_routers,
+    route_rows,
+    routes_by_sequence,
+    routing_metrics,
+)
+from gspo_cli.rollout.generate import encode_prompts, generate_rollout
+from gspo_cli.rollout.scoring import positions_from_mask, response_logprobs
 
 
 def test_changed_fraction_compares_sets_per_token():
@@ -56,16 +63,16 @@ def test_replay_of_own_routes_is_exact_and_forces_other_routes(moe_and_batch):
     routing = MoERouting(model)
     T = 3
     with routing.capture() as routes:
-        base, _ = response_logprobs(model, ids, mask, T)
+        base = response_logprobs(model, ids, mask, T)
     routes = list(routes)
     # Replaying the model's own choices changes nothing.
     with routing.replay(routes):
-        replayed, _ = response_logprobs(model, ids, mask, T)
+        replayed = response_logprobs(model, ids, mask, T)
     assert torch.allclose(base, replayed, atol=1e-6)
     # Forcing other experts changes the output and the forced experts are the ones used.
     other = [(r + 1) % TEST_SPEC.num_experts for r in routes]
     with routing.capture() as natural, routing.replay(other):
-        forced, _ = response_logprobs(model, ids, mask, T)
+        forced = response_logprobs(model, ids, mask, T)
     assert not torch.allclose(base, forced, atol=1e-4)
     assert all(torch.equal(n, r) for n, r in zip(natural, routes))  # capture sees the router's own choice
 
@@ -77,19 +84,19 @@ def test_replay_lets_gradients_reach_the_router(moe_and_batch):
         model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
     routes = list(routes)
     with routing.replay(routes):
-        logp, _ = response_logprobs(model, ids, mask, 3)
+        logp = response_logprobs(model, ids, mask, 3)
     logp.sum().backward()
     assert all(r.weight.grad is not None and r.weight.grad.abs().sum() > 0 for r in routing.routers)
 
 
-def test_select_rows_matches_a_forward_on_those_rows(moe_and_batch):
+def test_route_rows_matches_a_forward_on_those_rows(moe_and_batch):
     model, ids, mask = moe_and_batch
     routing = MoERouting(model)
     by_seq = forward_routes(model, routing, ids, mask)
     rows = torch.tensor([2, 0])
     with routing.capture() as sub:
         model(input_ids=ids[rows], attention_mask=mask[rows], position_ids=positions_from_mask(mask[rows]))
-    assert all(torch.equal(a, b) for a, b in zip(select_rows(by_seq, rows), sub))
+    assert all(torch.equal(a, b) for a, b in zip(route_rows(by_seq, rows), sub))
 
 
 def test_dense_model_has_no_routers():
@@ -111,8 +118,9 @@ def run_small(tmp_path, cache_dir, *extra):
     import json
 
     from conftest import compose_train
-    from gspo_cli.train import train
     from test_train import small_overrides
+
+    from gspo_cli.train.loop import train
 
     cfg = compose_train(small_overrides(cache_dir, "grpo", steps=2) + ["logger=none", "trainer.save_final=false", *extra])
     train(cfg, tmp_path)
@@ -166,10 +174,10 @@ def test_unchanged_parameters_change_no_route_and_replay_gives_ratio_one(moe_and
     model, ids, mask = moe_and_batch
     routing = MoERouting(model)
     with routing.capture() as first:
-        old_logp, _ = response_logprobs(model, ids, mask, 3)
+        old_logp = response_logprobs(model, ids, mask, 3)
     first = routes_by_sequence(list(first), ids.shape[0])
-    with routing.capture() as second, routing.replay(select_rows(first, torch.arange(ids.shape[0]))):
-        logp, _ = response_logprobs(model, ids, mask, 3)
+    with routing.capture() as second, routing.replay(route_rows(first, torch.arange(ids.shape[0]))):
+        logp = response_logprobs(model, ids, mask, 3)
     second = routes_by_sequence(list(second), ids.shape[0])
     assert routing_metrics(second, first, mask.float())["routing/changed_fraction"] == 0.0
     assert torch.equal(torch.exp(logp - old_logp), torch.ones_like(logp))  # ratio exactly 1

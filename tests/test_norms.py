@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
 
-from gspo_cli.norms import _RMSNorm, fuse_rms_norms
+from gspo_cli.models.kernels.rms_norm import _RMSNorm, fuse_rms_norms
 
 
 @pytest.mark.parametrize("shape", [(7, 16), (3, 5, 4, 8)])
@@ -42,7 +42,7 @@ def test_other_dtypes_keep_the_original_forward():
 
 
 def test_a_loaded_model_with_fused_norms_computes_the_same_logits(tiny_model_dir):
-    from gspo_cli.models import load_model
+    from gspo_cli.models.loading import load_model
 
     plain, fused = load_model(tiny_model_dir), load_model(tiny_model_dir, fused_rms_norm=True)
     num_norms = sum(type(m).__name__ in ("Qwen3MoeRMSNorm", "Qwen3RMSNorm") for m in fused.modules())

@@ -10,8 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from gspo_cli.plots import mean_band
-from gspo_cli.report import build_report, grid, record_job, steps_to_target, summarize_records
+from gspo_cli.report.plots import mean_band
+from gspo_cli.report.sweep import build_report, grid, record_job, steps_to_target, summarize_records
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -7,8 +7,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from test_train import small_overrides
 
 STEPS = 6

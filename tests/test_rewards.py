@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from gspo_cli.rewards import (
+from gspo_cli.data.rewards import (
     REWARDS,
     RewardScorer,
     RewardTerm,
@@ -155,7 +155,7 @@ def test_a_failing_reward_scores_zero_counts_and_is_shown_once(caplog):
         return math.nan
 
     scorer = RewardScorer(reward_terms("exact_match") + [RewardTerm("picky", picky, 2.0)])
-    with caplog.at_level(logging.ERROR, logger="gspo_cli.rewards"):
+    with caplog.at_level(logging.ERROR, logger="gspo_cli.data.rewards"):
         rewards, metrics = scorer.score(["boom", "x", "boom"], ["x", "x", "x"])
         scorer.score(["boom"], ["x"])
     # exact_match 0, 1, 0 plus 2 x picky (0 where it raised, 1 elsewhere).

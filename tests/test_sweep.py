@@ -5,13 +5,13 @@ import csv
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
-
-from gspo_cli.cli import CONF_DIR, sweep_arguments
-from gspo_cli.config import register_configs
-from gspo_cli.report import DEFAULT_TARGET, grid
 from test_cli import run_gspo
 from test_train import small_overrides
 from wandb_files import read_finished_wandb_log
+
+from gspo_cli.cli import CONF_DIR, sweep_arguments
+from gspo_cli.config import register_configs
+from gspo_cli.report.sweep import DEFAULT_TARGET, grid
 
 
 def test_default_grid_is_gspo_and_grpo_with_three_seeds_each():

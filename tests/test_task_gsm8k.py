@@ -5,10 +5,10 @@ import logging
 import math
 
 import pytest
-
 from conftest import compose_train
-from gspo_cli.train import train
 from test_train import small_overrides
+
+from gspo_cli.train.loop import train
 
 QUESTIONS = [(f"What is {a} plus {b}?", a + b) for a in range(1, 5) for b in range(1, 4)]  # 12 problems
 
@@ -26,7 +26,7 @@ def test_gsm8k_trains_with_weighted_rewards_and_survives_a_failing_one(tmp_path,
         "task.reward={math:1.0,format:0.5,overlong:{buffer_tokens:2},broken:{_target_:flaky_rewards_mod.always_fails}}",
     ])
     run_dir = tmp_path / "run"
-    with caplog.at_level(logging.ERROR, logger="gspo_cli.rewards"):
+    with caplog.at_level(logging.ERROR, logger="gspo_cli.data.rewards"):
         train(cfg, run_dir)
 
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -3,12 +3,12 @@
 import json
 
 import pytest
-
 from conftest import compose_train
+
 from gspo_cli.config import TaskConfig
-from gspo_cli.datasets_io import TaskFileError
-from gspo_cli.models import build_char_tokenizer
-from gspo_cli.tasks import build_task
+from gspo_cli.data.files import TaskFileError
+from gspo_cli.data.tasks import build_task
+from gspo_cli.models.build import build_char_tokenizer
 
 GSM8K_ROWS = [
     {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3 + 4 = 7\n#### 7"},

@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
-
 from conftest import TEST_SPEC, compose_train
-from gspo_cli.models import load_model
-from gspo_cli.tasks import build_task
-from gspo_cli.train import resolve_model_path, train
 from wandb_files import history_by_step, read_finished_wandb_log
+
+from gspo_cli.data.tasks import build_task
+from gspo_cli.models.loading import load_model
+from gspo_cli.train.loop import resolve_model_path, train
 
 STEP_METRICS = [
     "reward/mean", "reward/std", "clip/fraction", "clip/seq_fraction", "clip/low_fraction",

@@ -33,7 +33,7 @@ from typing import Callable, Optional
 
 import torch
 
-from gspo_cli.aggregation import AGGREGATIONS, aggregate, aggregation_warning  # noqa: F401 (re-exported)
+from gspo_cli.algo.aggregation import aggregate
 
 Metrics = dict[str, torch.Tensor]
 LossFn = Callable[..., tuple[torch.Tensor, Metrics]]
@@ -276,7 +276,7 @@ def dapo_loss(logp, old_logp, advantages, mask, clip_low: float = 0.2, clip_high
               loss_agg: str = "token-mean", **kwargs) -> tuple[torch.Tensor, Metrics]:
     """DAPO (arXiv 2503.14476): GRPO's surrogate with clip-higher (0.2 / 0.28, §3.1) and
     token-mean aggregation over the batch (§3.3); dynamic sampling and the overlong penalty
-    act on the rollout batch (`sampling.py`)."""
+    act on the rollout batch (`algo/batch_shaping.py`, `rollout/refill.py`)."""
     return grpo_loss(logp, old_logp, advantages, mask, clip_low, clip_high, loss_agg=loss_agg, **kwargs)
 
 

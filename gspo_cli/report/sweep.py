@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from gspo_cli.plots import plot_groups, read_metrics
+from gspo_cli.report.plots import plot_groups, read_metrics
 
 JOB_FILE = "job.json"  # written by `gspo sweep`/`gspo train` when a job ends: status and wall time
 # Accuracy whose first crossing `steps_to_target` reports: on the default configuration the

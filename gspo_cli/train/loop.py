@@ -1,7 +1,7 @@
 """The RL training loop: rollout → reward → advantages → mini-batch updates → metrics → eval → save.
 
 `train(cfg, run_dir)` runs in one process or on every rank of a torchrun job. The loop
-itself is `run_loop`; what each step does is in `steps.py`.
+itself is `loop_steps`; what each step does is in `steps.py`.
 """
 
 from __future__ import annotations
@@ -18,24 +18,39 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from gspo_cli.advantages import BASELINES, SCALES
-from gspo_cli.aggregation import AGGREGATIONS, aggregation_warning
-from gspo_cli.checkpoint import (is_sharded, latest_checkpoint, load_sharded_model, load_trainer_state, rng_state,
-                                 save_checkpoint, save_sharded_checkpoint, set_rng_state)
-from gspo_cli.config import AlgoConfig, TrainConfig
-from gspo_cli.dist import DistEnv, autocast, barrier, init_distributed, shutdown, unwrap, wrap_model
-from gspo_cli.evaluate import greedy_eval
-from gspo_cli.guards import BadStepCounter, CollapseMonitor, TrainingDiverged
-from gspo_cli.host import configure_host
-from gspo_cli.kl import KL_ESTIMATORS
-from gspo_cli.logs import RunLogger
-from gspo_cli.losses import LOSSES
-from gspo_cli.models import load_model, load_tokenizer
-from gspo_cli.moe import MoERouting, is_moe
-from gspo_cli.steps import (StepContext, collect_rollout, mean_over_ranks, old_logp_source, rollout_metrics,
-                            update_policy)
-from gspo_cli.tasks import PromptStream, Task, build_task
-from gspo_cli.warmstart import warm_started_dir
+from gspo_cli.algo.advantages import BASELINES, SCALES
+from gspo_cli.algo.aggregation import AGGREGATIONS, aggregation_warning
+from gspo_cli.algo.kl import KL_ESTIMATORS
+from gspo_cli.algo.losses import LOSSES
+from gspo_cli.config import TrainConfig
+from gspo_cli.data.tasks import PromptStream, Task, build_task
+from gspo_cli.models.loading import load_model, load_tokenizer
+from gspo_cli.models.routing import MoERouting, is_moe
+from gspo_cli.report.logs import RunLogger
+from gspo_cli.rollout.evaluation import greedy_eval
+from gspo_cli.train.checkpoint import (
+    is_sharded,
+    latest_checkpoint,
+    load_sharded_model,
+    load_trainer_state,
+    rng_state,
+    save_checkpoint,
+    save_sharded_checkpoint,
+    set_rng_state,
+)
+from gspo_cli.train.distributed import DistEnv, barrier, init_distributed, shutdown, unwrap, wrap_model
+from gspo_cli.train.guards import BadStepCounter, CollapseMonitor, TrainingDiverged
+from gspo_cli.train.host import configure_host
+from gspo_cli.train.precision import autocast
+from gspo_cli.train.steps import (
+    StepContext,
+    collect_rollout,
+    mean_over_ranks,
+    old_logp_source,
+    rollout_metrics,
+    update_policy,
+)
+from gspo_cli.train.warmstart import warm_started_dir
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -1,5 +1,5 @@
-"""Shaping the rollout batch, as DAPO does (arXiv 2503.14476): dynamic sampling, which keeps
-only groups whose rewards differ, and the soft overlong penalty on responses near the limit.
+"""DAPO's dynamic sampling (arXiv 2503.14476, §3.2): draw rollouts again until the batch holds
+enough groups whose rewards differ, and the rollout-batch operations it needs (rows, stacking).
 
 Shapes: N = prompts × G sequences, the G responses of a prompt contiguous; T response tokens.
 """
@@ -11,7 +11,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from gspo_cli.rollout import Rollout
+from gspo_cli.algo.batch_shaping import group_rows, informative_groups
+from gspo_cli.rollout.generate import Rollout
 
 _TOKEN_FIELDS = ("logp", "entropy")  # [N, T] fields of a Rollout besides the response mask
 
@@ -25,22 +26,7 @@ class FilledBatch(NamedTuple):
     warning: Optional[str]  # set when the refill cap was reached
 
 
-def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[N] rewards -> [N / G] bool: groups whose rewards are not all equal.
-
-    A group of equal rewards has zero group-relative advantages, so it adds no gradient but
-    still dilutes the batch (DAPO §3.2).
-    """
-    grouped = rewards.view(-1, group_size)
-    return grouped.max(dim=1).values > grouped.min(dim=1).values
-
-
-def group_rows(groups: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Indices of the sequences of the given groups: [K] -> [K · G]."""
-    return (groups[:, None] * group_size + torch.arange(group_size)).reshape(-1)
-
-
-def select_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
+def rollout_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
     """The sub-batch of the given sequences (rows: [K] indices)."""
     picked = {name: (None if value is None else value[rows]) for name, value in rollout._asdict().items()
               if name not in ("completions", "routes")}
@@ -122,7 +108,7 @@ def fill_with_informative_groups(
         for chosen, store in ((keep, kept), (~keep, dropped)):
             rows = group_rows(chosen.nonzero().squeeze(1), group_size)
             if rows.numel():
-                store.append((select_rows(rollout, rows), rewards[rows]))
+                store.append((rollout_rows(rollout, rows), rewards[rows]))
         num_kept += int(keep.sum())
         if num_kept >= num_groups:
             break
@@ -137,24 +123,4 @@ def fill_with_informative_groups(
     rewards = torch.cat([w for _, w in parts])
     rows = torch.arange(num_groups * group_size)
     metrics = {"sampling/informative_fraction": first_fraction, "sampling/refills": float(refill)}
-    return FilledBatch(select_rows(rollout, rows), rewards[rows], metrics, warning)
-
-
-def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: float, penalty: float = 1.0) -> torch.Tensor:
-    """DAPO's soft overlong punishment (§3.4), added to the reward.
-
-    0 for responses of at most max_len − buffer tokens, then falling linearly to −penalty at
-    max_len (a response cut off by the limit gets the full −penalty).
-
-    Args:
-        lengths: [N] response lengths in tokens (end-of-sequence included).
-        max_len: the generation limit (trainer.max_new_tokens).
-        buffer: the length of the penalty interval, in tokens (DAPO: 4096 of 20480).
-
-    Returns:
-        [N] penalties, ≤ 0.
-    """
-    if buffer <= 0:
-        return torch.zeros_like(lengths, dtype=torch.float)
-    over = (lengths.float() - (max_len - buffer)).clamp(min=0.0, max=buffer)
-    return -penalty * over / buffer
+    return FilledBatch(rollout_rows(rollout, rows), rewards[rows], metrics, warning)

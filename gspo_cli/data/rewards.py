@@ -22,6 +22,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import torch
+
+from gspo_cli.algo.batch_shaping import overlong_penalty as batch_overlong_penalty
+
 RewardFn = Callable[..., float]
 log = logging.getLogger(__name__)
 
@@ -143,21 +147,15 @@ def format_reward(completion: str, answer: str, *, pattern: Optional[str] = None
 
 def overlong_penalty(completion: str, answer: str, *, num_tokens: int, max_tokens: int,
                      buffer_tokens: Optional[int] = None) -> float:
-    """DAPO's soft overlong punishment (Yu et al., 2025, §3.4, Eq. 13), in [-1, 0].
+    """DAPO's soft overlong punishment (Yu et al., 2025, §3.4, Eq. 13) as a reward term, in [-1, 0].
 
-    With L_max = `max_tokens` and L_cache = `buffer_tokens`, a response of |y| tokens gets
-    0 while |y| ≤ L_max - L_cache, then a penalty falling linearly to -1 at |y| = L_max,
-    and -1 beyond. The default buffer is 20% of L_max, DAPO's 4,096 of 20,480 tokens.
+    The default buffer is 20% of L_max = `max_tokens`, DAPO's 4,096 of 20,480 tokens; the
+    formula is `algo.batch_shaping.overlong_penalty`, which `algo.overlong_buffer` also uses.
     """
     buffer = buffer_tokens if buffer_tokens is not None else max(1, round(0.2 * max_tokens))
     if not 0 < buffer <= max_tokens:
         raise ValueError(f"overlong buffer_tokens={buffer} must be in [1, max_tokens={max_tokens}]")
-    expected = max_tokens - buffer
-    if num_tokens <= expected:
-        return 0.0
-    if num_tokens <= max_tokens:
-        return (expected - num_tokens) / buffer
-    return -1.0
+    return batch_overlong_penalty(torch.tensor([num_tokens]), max_tokens, buffer).item()
 
 
 REWARDS: dict[str, RewardFn] = {

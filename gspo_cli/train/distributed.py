@@ -108,15 +108,6 @@ def wrap_model(model: torch.nn.Module, strategy: str, env: DistEnv, precision: s
     raise ValueError(f"hardware.strategy={strategy!r} is not one of ['ddp', 'fsdp']")
 
 
-def autocast(device: str, precision: str, strategy: str, distributed: bool):
-    """bf16 autocast for `precision=bf16` (FSDP2 handles it itself through its policy)."""
-    import contextlib
-
-    if precision != "bf16" or (distributed and strategy == "fsdp"):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The underlying model of a DDP wrapper (FSDP2 shards in place and needs no unwrapping)."""
     return getattr(model, "module", model)

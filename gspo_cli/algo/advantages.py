@@ -78,20 +78,3 @@ def compute_advantages(
     elif scale != "none":
         raise ValueError(f"algo.adv_scale={scale!r} is not one of {list(SCALES)}")
     return centered.view(-1)
-
-
-def group_normalized_advantages(
-    rewards: torch.Tensor, group_size: int, scale_std: bool = True, eps: float = 1e-6
-) -> torch.Tensor:
-    """Group-relative advantages (GRPO / GSPO, paper eq. 6): (r − group mean) / group std.
-
-    Args:
-        rewards: [B * G] rewards, the G responses of each prompt contiguous.
-        group_size: G.
-        scale_std: divide by the (unbiased) standard deviation of the group.
-        eps: added to the standard deviation so constant groups give 0, not NaN.
-
-    Returns:
-        [B * G] advantages.
-    """
-    return compute_advantages(rewards, group_size, "group-mean", "group-std" if scale_std else "none", eps)

@@ -1,7 +1,7 @@
 """Tasks: prompt sets with reference answers, a held-out split, and the reward wiring.
 
 `arithmetic` is generated in memory; every other task (`gsm8k`, `math`, `jsonl`, or your
-own `conf/task/*.yaml`) reads `task.path` through `gspo_cli.datasets_io`. Prompts are kept
+own `conf/task/*.yaml`) reads `task.path` through `data.files`. Prompts are kept
 as plain text; `Task.for_tokenizer` wraps them in a chat template once the tokenizer is loaded.
 """
 
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from gspo_cli.config import TaskConfig
-from gspo_cli.datasets_io import TaskFileError, read_rows
-from gspo_cli.rewards import RewardScorer, after_hashes, last_boxed, reward_terms
+from gspo_cli.data.files import TaskFileError, read_rows
+from gspo_cli.data.rewards import RewardScorer, after_hashes, last_boxed, reward_terms
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,7 @@ def sampler_routes(recorded: list[list[torch.Tensor]], num_seqs: int, num_respon
     return routes
 
 
-def select_rows(routes: Routes, rows: torch.Tensor) -> Routes:
+def route_rows(routes: Routes, rows: torch.Tensor) -> Routes:
     """Routes of a subset of sequences, flattened back to [n·L, k] as a router sees them."""
     return [r[rows].reshape(-1, r.shape[-1]) for r in routes]
 

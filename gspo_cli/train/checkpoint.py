@@ -14,16 +14,16 @@ never half of one.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
+
+from gspo_cli.models.storage import move_into_place, write_dir_atomically
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.pt"
@@ -58,21 +58,14 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
         step: the number of completed RL steps (training continues at this step).
         trainer_state: optimizer/scheduler state dicts, stream position, RNG states, ids.
     """
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / f"step_{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step}-", dir=root))
-    try:
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
         torch.save({**trainer_state, "step": step}, tmp / STATE_FILE)
-        if target.exists():  # the same step saved again (e.g. on a signal right after a periodic save)
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+
+    # replace: the same step may be saved again (e.g. on a signal right after a periodic save)
+    target = write_dir_atomically(Path(run_dir) / "checkpoints" / f"step_{step}", write, replace=True)
+    prune_checkpoints(run_dir, keep_last)
     return target
 
 
@@ -84,6 +77,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))
              and (p / STATE_FILE).exists() and (p / "model" / "config.json").exists()]
     return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints (0 keeps all)."""
+    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
@@ -126,11 +125,8 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model, optimizer, tokenize
         tokenizer.save_pretrained(tmp / "model")
         model.config.save_pretrained(tmp / "model")
         torch.save({**{k: v for k, v in trainer_state.items() if k != "optimizer"}, "step": step}, tmp / STATE_FILE)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-        for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        move_into_place(tmp, target)
+        prune_checkpoints(run_dir, keep_last)
     dist.barrier()
     return target
 

@@ -1,7 +1,7 @@
 """The named steps of one RL step: collect a scored rollout batch, then update the policy on it.
 
-`train.py` calls these in order; the math they use lives in the leaf modules (losses,
-aggregation, advantages, kl, moe). With several processes every rank holds a shard of the
+`loop.py` calls these in order; the math they use lives in `algo/` (losses, aggregation,
+advantages, KL, rollout correction) and `models/routing.py`. With several processes every rank holds a shard of the
 prompts (a prompt's G responses never split), and every normalisation uses global counts.
 """
 
@@ -15,16 +15,26 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 
-from gspo_cli.advantages import compute_advantages
-from gspo_cli.aggregation import aggregate
+from gspo_cli.algo.advantages import compute_advantages
+from gspo_cli.algo.aggregation import aggregate
+from gspo_cli.algo.batch_shaping import overlong_penalty
+from gspo_cli.algo.kl import kl_estimate
+from gspo_cli.algo.losses import LOSSES, masked_mean
+from gspo_cli.algo.rollout_correction import logp_mismatch, truncated_is_weights
 from gspo_cli.config import TrainConfig
-from gspo_cli.dist import DistEnv, all_reduce_any, all_reduce_sum, shard, unwrap
-from gspo_cli.kl import kl_estimate, logp_mismatch, truncated_is_weights
-from gspo_cli.losses import LOSSES, masked_mean
-from gspo_cli.moe import MoERouting, Routes, routes_by_sequence, routes_megabytes, routing_metrics, select_rows
-from gspo_cli.rollout import Rollout, generate_rollout, response_logprobs
-from gspo_cli.sampling import fill_with_informative_groups, overlong_penalty
-from gspo_cli.tasks import PromptStream, Task
+from gspo_cli.data.tasks import PromptStream, Task
+from gspo_cli.models.routing import (
+    MoERouting,
+    Routes,
+    route_rows,
+    routes_by_sequence,
+    routes_megabytes,
+    routing_metrics,
+)
+from gspo_cli.rollout.generate import Rollout, generate_rollout
+from gspo_cli.rollout.refill import fill_with_informative_groups
+from gspo_cli.rollout.scoring import response_logprobs
+from gspo_cli.train.distributed import DistEnv, all_reduce_any, all_reduce_sum, shard, unwrap
 
 
 @dataclass
@@ -115,7 +125,7 @@ def old_logprobs(sampler, rollout: Rollout, ctx: StepContext, minibatches: Seque
     for rows in minibatches:
         capture = ctx.routing.capture() if ctx.routing else contextlib.nullcontext()
         with torch.no_grad(), capture as routes:
-            old_logp[rows], _ = response_logprobs(sampler, rollout.input_ids[rows], rollout.attention_mask[rows], T,
+            old_logp[rows] = response_logprobs(sampler, rollout.input_ids[rows], rollout.attention_mask[rows], T,
                                                   ctx.cfg.trainer.temperature)
         if old_routes is not None:
             for layer, chosen in zip(old_routes, routes_by_sequence(list(routes), len(rows))):  # [n, L, k]
@@ -131,7 +141,7 @@ def reference_logprobs(ref_model, rollout: Rollout, minibatches: Sequence[torch.
     ref_logp = torch.empty(rollout.input_ids.shape[0], T, device=rollout.input_ids.device)
     with torch.no_grad():
         for rows in minibatches:
-            ref_logp[rows], _ = response_logprobs(ref_model, rollout.input_ids[rows], rollout.attention_mask[rows],
+            ref_logp[rows] = response_logprobs(ref_model, rollout.input_ids[rows], rollout.attention_mask[rows],
                                                   T, temperature)
     return ref_logp
 
@@ -216,13 +226,13 @@ def minibatch_logprobs(policy, batch: Batch, indices: torch.Tensor, ctx: StepCon
     """
     rollout, T = batch.rollout, batch.rollout.response_mask.shape[1]
     if ctx.routing is None or batch.old_routes is None:
-        logp, _ = response_logprobs(policy, rollout.input_ids[indices], rollout.attention_mask[indices], T,
+        logp = response_logprobs(policy, rollout.input_ids[indices], rollout.attention_mask[indices], T,
                                     ctx.cfg.trainer.temperature)
         return logp, {}
-    replay = ctx.routing.replay(select_rows(batch.old_routes, indices)) \
+    replay = ctx.routing.replay(route_rows(batch.old_routes, indices)) \
         if ctx.cfg.algo.routing_replay and not fill_old else contextlib.nullcontext()
     with ctx.routing.capture() as routes, replay:
-        logp, _ = response_logprobs(policy, rollout.input_ids[indices], rollout.attention_mask[indices], T,
+        logp = response_logprobs(policy, rollout.input_ids[indices], rollout.attention_mask[indices], T,
                                     ctx.cfg.trainer.temperature)
     current = routes_by_sequence(list(routes), len(indices))
     if fill_old:

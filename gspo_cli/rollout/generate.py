@@ -1,9 +1,9 @@
-"""Rollouts: batched sampling with a KV cache, and log-probabilities of responses.
+"""Rollouts: batched sampling with a KV cache; what the sampler saw comes back with the tokens.
 
 Prompts are left-padded, responses right-padded, so a batch of sequences is
 `[prompt (left pad) | response (right pad)]` and the response tokens sit in the last
 T columns. Positions are derived from the attention mask in every forward pass, so
-sampling and scoring see the same positions and π_old computed here matches the sampler.
+sampling and scoring (`scoring.py`) see the same positions, so π_old matches the sampler.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from gspo_cli.moe import MoERouting, sampler_routes
+from gspo_cli.models.routing import MoERouting, sampler_routes
+from gspo_cli.rollout.scoring import positions_from_mask
 
 try:  # the per-layer cache classes of transformers >= 4.56
     from transformers.cache_utils import DynamicLayer
@@ -91,11 +92,6 @@ def sample_from_probs(probs: torch.Tensor, generator: Optional[torch.Generator] 
     cdf = probs.cumsum(-1)  # [N, V]
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding: [N, L] mask -> [N, L] positions."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,41 +210,3 @@ def generate_rollout(
         entropy=entropy,
         routes=routes,
     )
-
-
-def response_logprobs(
-    model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    num_response_tokens: int,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Log-probabilities of the response tokens under `model` (with gradient if enabled).
-
-    Only the logits of the last T + 1 positions are computed (`logits_to_keep`), and one
-    full-vocabulary log-softmax gives both the gathered log-probabilities and the entropy
-    (the values are those of `F.cross_entropy`, which computes the same log-softmax).
-
-    Args:
-        input_ids, attention_mask: [N, P + T].
-        num_response_tokens: T.
-        temperature: the sampling temperature, so that π matches the sampler.
-        with_entropy: also return the per-token entropy of the (tempered) distribution.
-
-    Returns:
-        (logp [N, T], entropy [N, T] or None).
-    """
-    T = num_response_tokens
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=positions_from_mask(attention_mask), logits_to_keep=T + 1)
-    logits = out.logits[:, :-1].float()  # [N, T, V]: position t predicts response token t
-    if temperature != 1.0:
-        logits = logits / temperature
-    log_probs = torch.log_softmax(logits, dim=-1)  # [N, T, V]
-    logp = log_probs.gather(-1, input_ids[:, -T:, None]).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(log_probs.exp() * log_probs).sum(-1)
-    return logp, entropy

@@ -18,10 +18,12 @@ from typing import Callable
 import torch
 
 from gspo_cli.config import ModelConfig, TaskConfig
-from gspo_cli.evaluate import greedy_eval
-from gspo_cli.models import built_model_dir, config_hash, load_model, load_tokenizer, write_dir_atomically
-from gspo_cli.rollout import positions_from_mask
-from gspo_cli.tasks import Problem, Task
+from gspo_cli.data.tasks import Problem, Task
+from gspo_cli.models.build import built_model_dir
+from gspo_cli.models.loading import load_model, load_tokenizer
+from gspo_cli.models.storage import config_hash, write_dir_atomically
+from gspo_cli.rollout.evaluation import greedy_eval
+from gspo_cli.rollout.scoring import positions_from_mask
 
 PROBE_SIZE = 256  # training problems used to decide when to stop
 

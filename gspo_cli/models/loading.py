@@ -1,0 +1,56 @@
+"""Load the policy model and its tokenizer with `from_pretrained`.
+
+Real checkpoints (Qwen3, Qwen3-MoE, any causal LM) load from a hub id or a local
+directory; the models this tool builds itself (`build.py`) are written out as ordinary
+Hugging Face directories, so they go through the very same path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from gspo_cli.models.kernels import experts
+from gspo_cli.models.kernels.rms_norm import fuse_rms_norms
+from gspo_cli.models.routing import is_moe
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer set up for batched generation: left padding and a pad token."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
+    experts_implementation: str = "auto", fused_rms_norm: bool = False,
+) -> PreTrainedModel:
+    """Load a causal LM with `from_pretrained` (hub id or local directory); MoE models run
+    their experts with `experts_implementation` (see `kernels.experts.choose`), and with
+    `fused_rms_norm` the RMSNorms run as one autograd node each (`kernels.rms_norm`)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+    )
+    implementation = experts.choose(experts_implementation, device)
+    if implementation is not None and is_moe(model) and hasattr(model, "set_experts_implementation"):
+        if implementation == experts.NAME and not experts.REGISTERED:
+            raise ValueError(f"model.experts_implementation={experts.NAME} needs transformers >= 5")
+        model.set_experts_implementation(implementation)
+    if fused_rms_norm:
+        fuse_rms_norms(model)
+    return model.to(device)
+
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,49 @@
+"""Greedy evaluation on held-out problems: what the training loop logs as `eval/*`, what the
+warm start stops on, and the greedy half of `gspo eval`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from gspo_cli.data.tasks import Problem, Task
+from gspo_cli.rollout.generate import generate_rollout
+
+
+@torch.no_grad()
+def greedy_eval(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    problems: list[Problem],
+    max_new_tokens: int,
+    batch_size: int = 256,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Greedy-decode every problem once and score it.
+
+    Returns:
+        (metrics, samples): `eval/accuracy` (share of rewards equal to 1), `eval/reward`
+        (mean reward) and `eval/response_length`; one sample dict per problem.
+    """
+    was_training = model.training
+    model.eval()
+    rewards, lengths, samples = [], [], []
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start:start + batch_size]
+        rollout = generate_rollout(model, tokenizer, [p.prompt for p in chunk], max_new_tokens, temperature=0.0)
+        lengths.extend(rollout.response_mask.sum(1).tolist())
+        for problem, completion in zip(chunk, rollout.completions):
+            reward = task.reward(completion, problem.answer)
+            rewards.append(reward)
+            samples.append({"prompt": problem.prompt, "completion": completion,
+                            "answer": problem.answer, "reward": reward})
+    model.train(was_training)
+    n = max(len(rewards), 1)
+    metrics = {
+        "eval/accuracy": sum(r >= 1.0 for r in rewards) / n,
+        "eval/reward": sum(rewards) / n,
+        "eval/response_length": sum(lengths) / n,
+    }
+    return metrics, samples
