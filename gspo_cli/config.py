@@ -13,6 +13,11 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 
 
+def on_cpu_by_default(setting: Optional[bool], device: str) -> bool:
+    """A CPU-only tuning switch: its value when set, else on for CPU runs and off elsewhere."""
+    return device.split(":")[0] == "cpu" if setting is None else setting
+
+
 @dataclass
 class TinyModelSpec:
     """Shape of a model the tool builds itself (used when `ModelConfig.build` is set)."""
@@ -78,11 +83,12 @@ class ModelConfig:
     """Passed to `from_pretrained` for checkpoints that ship their own modelling code."""
     experts_implementation: str = "auto"
     """How MoE experts run: `auto` (this tool's sorted per-expert kernel on CPU, transformers'
-    choice elsewhere), `default` (transformers' choice), `gspo_sorted`, or a transformers name:
+    choice elsewhere; docs/cpu-tuning.md), `default` (transformers' choice), `gspo_sorted`, or a transformers name:
     `grouped_mm`, `batched_mm`, `eager`."""
-    fused_rms_norm: bool = True
+    fused_rms_norm: Optional[bool] = None
     """Run float32 RMSNorms (Qwen, Llama, Mistral) as one autograd node (`gspo_cli/models/kernels/rms_norm.py`):
-    the same outputs bit for bit, gradients equal up to rounding, about half the time."""
+    the same outputs bit for bit, gradients equal up to rounding, about half the time on CPU.
+    null: on for CPU runs, off elsewhere (docs/cpu-tuning.md)."""
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     """Supervised warm start before RL (the local stand-in for a pretrained base)."""
 
@@ -180,7 +186,10 @@ class TrainerConfig:
     group_size: int = 8
     """G: responses sampled per prompt."""
     num_minibatches: int = 4
-    """Optimizer steps per rollout batch (the paper's protocol uses 4)."""
+    """Mini-batches per pass over the rollout batch, one optimizer step each (the paper's protocol uses 4)."""
+    ppo_epochs: int = 1
+    """Passes over the rollout batch, reshuffled after the first (TRL: `num_iterations`, verl:
+    `ppo_epochs`); every pass divides by the same π_old. The paper's protocol uses 1."""
     max_new_tokens: int = 8
     """Longest response."""
     temperature: float = 1.0
@@ -221,9 +230,11 @@ class HardwareConfig:
     """Nodes (torchrun)."""
     num_threads: int = 0
     """CPU threads for torch (per process); 0 keeps torch's default (one per physical core)."""
-    keep_freed_memory: bool = True
+    keep_freed_memory: Optional[bool] = None
     """Keep freed host memory for reuse instead of unmapping large blocks at every free
-    (glibc `mallopt`; no effect elsewhere): no page faults in steady state (`gspo_cli/train/host.py`)."""
+    (glibc `mallopt`; no effect elsewhere): no page faults in steady state (`gspo_cli/train/host.py`).
+    null: on for CPU runs, off elsewhere, where it would keep a loading process's peak host
+    memory mapped for the whole run (docs/cpu-tuning.md)."""
     fused_adamw: bool = True
     """AdamW's fused kernel (on CPU 5x faster than the foreach one for the same result up to rounding)."""
     strategy: str = "ddp"

@@ -11,7 +11,7 @@ from gspo_cli.config import TrainConfig
 from gspo_cli.models.loading import load_model
 from gspo_cli.rollout.generate import Rollout
 from gspo_cli.train.distributed import init_distributed, shutdown, wrap_model
-from gspo_cli.train.steps import Batch, StepContext, mean_over_ranks, update_policy
+from gspo_cli.train.steps import Batch, OldPolicy, StepContext, mean_over_ranks, update_policy
 
 
 def batch_rows(data: dict, rows: slice) -> Batch:
@@ -19,8 +19,9 @@ def batch_rows(data: dict, rows: slice) -> Batch:
     rollout = Rollout(input_ids=data["input_ids"][rows], attention_mask=data["attention_mask"][rows],
                       response_mask=data["response_mask"][rows], completions=[""] * len(data["rewards"][rows]),
                       logp=data["old_logp"][rows], entropy=data["entropy"][rows])
-    return Batch(rollout, data["rewards"][rows], data["advantages"][rows], data["old_logp"][rows],
-                 data["entropy"][rows])
+    num_seqs = len(data["rewards"][rows])
+    return Batch(rollout, data["rewards"][rows], data["advantages"][rows], data["entropy"][rows],
+                 order=torch.arange(num_seqs), old=OldPolicy(torch.arange(num_seqs), data["old_logp"][rows]))
 
 
 def one_update(model_dir: str, data: dict, strategy: str, loss: str = "gspo") -> tuple[float, dict]:

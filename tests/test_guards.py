@@ -5,10 +5,10 @@ from gspo_cli.train.guards import BadStepCounter, CollapseMonitor
 
 def test_bad_steps_must_be_in_a_row():
     counter = BadStepCounter(limit=2)
-    assert not counter.update(skipped=4, num_minibatches=4)
-    assert not counter.update(skipped=1, num_minibatches=4)  # a partly good step resets the count
-    assert not counter.update(skipped=4, num_minibatches=4)
-    assert counter.update(skipped=4, num_minibatches=4)
+    assert not counter.update(skipped=4, num_updates=4)
+    assert not counter.update(skipped=1, num_updates=4)  # a partly good step resets the count
+    assert not counter.update(skipped=4, num_updates=4)
+    assert counter.update(skipped=4, num_updates=4)
 
 
 def test_reward_collapse_warns_once():

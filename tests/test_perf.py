@@ -112,7 +112,7 @@ def test_one_log_softmax_gives_cross_entropy_values_and_gradient(tiny_model):
     assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(grads, model.parameters()))
 
 
-def test_old_logp_by_minibatch_equals_one_forward_pass_and_leaves_the_first_to_fill(tiny_model, cache_dir):
+def test_old_logp_by_minibatch_equals_one_forward_pass_and_leaves_out_the_first(tiny_model, cache_dir):
     model, tokenizer = tiny_model
     model.eval()
     cfg = compose_train(small_overrides(cache_dir) + ["trainer.num_minibatches=4"])
@@ -122,14 +122,14 @@ def test_old_logp_by_minibatch_equals_one_forward_pass_and_leaves_the_first_to_f
     rollout = generate_rollout(model, tokenizer, prompts, 4, 1.0, torch.Generator().manual_seed(0))
     T = rollout.response_mask.shape[1]
     minibatches = torch.randperm(12, generator=torch.Generator().manual_seed(0)).chunk(4)
-    logp, routes = old_logprobs(model, rollout, ctx, minibatches[1:])  # 3 forward passes
+    old = old_logprobs(model, rollout, ctx, minibatches[1:])  # 3 forward passes
     with torch.no_grad(), routing.capture() as whole_routes:
         ref_logp = response_logprobs(model, rollout.input_ids, rollout.attention_mask, T)
     whole = routes_by_sequence(list(whole_routes), 12)  # per layer [N, L, k]
-    done, pending = torch.cat(minibatches[1:]), minibatches[0]
-    assert logp.shape == (12, T) and torch.allclose(logp[done], ref_logp[done], atol=1e-6)
-    assert torch.isnan(logp[pending]).all()  # filled by the first mini-batch's own forward pass
-    assert len(routes) == len(whole) and all(torch.equal(a[done], b[done]) for a, b in zip(routes, whole))
+    done = torch.cat(minibatches[1:])  # the first mini-batch's own forward pass will give its π_old
+    assert torch.equal(old.rows, done) and old.logp.shape == (9, T)
+    assert torch.allclose(old.logp, ref_logp[done], atol=1e-6)
+    assert len(old.routes) == len(whole) and all(torch.equal(a, b[done]) for a, b in zip(old.routes, whole))
     routing.remove()
 
 
@@ -168,14 +168,14 @@ def test_first_minibatch_gives_pi_old_so_recompute_runs_one_pass_fewer(tmp_path,
                         or original(*a, **k))
     batch, _ = steps.collect_rollout(policy, ctx, state.stream)
     assert passes == [False]  # π_old of the second mini-batch only
-    first = batch.order.chunk(2)[0]
-    assert torch.isnan(batch.old_logp[first]).all() and torch.isfinite(batch.old_logp[batch.order.chunk(2)[1]]).all()
-    ratios, original_loss = [], steps.minibatch_loss
-    monkeypatch.setattr(steps, "minibatch_loss", lambda logp, b, idx, c: ratios.append(
-        torch.exp(logp.detach() - b.old_logp[idx])) or original_loss(logp, b, idx, c))
+    assert torch.equal(batch.old.rows, batch.order.chunk(2)[1])  # the first mini-batch is left out
+    ratios, olds, original_loss = [], [], steps.minibatch_loss
+    monkeypatch.setattr(steps, "minibatch_loss", lambda logp, old, b, idx, c: ratios.append(
+        torch.exp(logp.detach() - old.logp[idx])) or olds.append(old) or original_loss(logp, old, b, idx, c))
     metrics = steps.update_policy(policy, state.optimizer, state.scheduler, batch, ctx)
     assert torch.equal(ratios[0], torch.ones_like(ratios[0]))  # on-policy: π_old is this very pass
-    assert torch.isfinite(batch.old_logp).all()
+    assert olds[0] is olds[1] and torch.equal(olds[0].rows, torch.arange(batch.rewards.numel()))
+    assert torch.isfinite(olds[0].logp).all()
     assert metrics["mismatch/logp_abs_diff"] < 1e-4  # every row's trainer π_old against the sampler's
     assert len(ratios) == 2 and not torch.equal(ratios[1], torch.ones_like(ratios[1]))  # after a step
 

@@ -12,14 +12,14 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class BadStepCounter:
-    """Counts steps in a row whose every mini-batch update was skipped as non-finite."""
+    """Counts steps in a row whose every mini-batch update (of every epoch) was skipped as non-finite."""
 
     limit: int
     in_a_row: int = 0
 
-    def update(self, skipped: int, num_minibatches: int) -> bool:
+    def update(self, skipped: int, num_updates: int) -> bool:
         """Record a step; True when the limit of bad steps in a row is reached."""
-        self.in_a_row = self.in_a_row + 1 if skipped >= num_minibatches else 0
+        self.in_a_row = self.in_a_row + 1 if skipped >= num_updates else 0
         return self.limit > 0 and self.in_a_row >= self.limit
 
 

@@ -84,6 +84,8 @@ def check_config(cfg: TrainConfig, env: DistEnv) -> None:
     if algo.tis_cap is not None and old_logp_source(cfg) != "recompute":
         raise ValueError("algo.tis_cap corrects π_old recomputed by the trainer for the sampler's "
                          "numbers: it needs algo.old_logp=recompute")
+    if tc.ppo_epochs < 1:
+        raise ValueError(f"trainer.ppo_epochs={tc.ppo_epochs}: at least one pass over the rollout batch")
     if tc.prompts_per_step % env.world_size:
         raise ValueError(f"trainer.prompts_per_step={tc.prompts_per_step} does not split across {env.world_size} ranks")
     if (tc.prompts_per_step // env.world_size * tc.group_size) % tc.num_minibatches:
@@ -203,7 +205,7 @@ def install_stop_signals() -> dict[str, bool]:
 def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     """Run RL training as configured; returns the last metrics record (on every rank)."""
     run_dir = Path(run_dir)
-    configure_host(cfg.hardware.num_threads, cfg.hardware.keep_freed_memory)
+    configure_host(cfg.hardware.num_threads, cfg.hardware.keep_freed_memory, cfg.hardware.device)
     env = init_distributed(cfg.hardware.device)
     try:
         check_config(cfg, env)
@@ -286,7 +288,7 @@ def loop_steps(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, state:
         warning = collapse.update(record["reward/mean"], record["entropy"])
         if warning:
             logger.print(warning)
-        if bad_steps.update(int(update_metrics["faults/skipped_steps"]), tc.num_minibatches):
+        if bad_steps.update(int(update_metrics["faults/skipped_steps"]), tc.num_minibatches * tc.ppo_epochs):
             checkpoint()  # skipped updates left the weights as they were: the last good state
             raise TrainingDiverged(
                 f"{bad_steps.in_a_row} steps in a row had only non-finite losses or gradients "

@@ -55,19 +55,24 @@ class StepContext:
         return all_reduce_any(any_alive, self.env)
 
 
+class OldPolicy(NamedTuple):
+    """π_old on some rows of the rollout batch: what every update's ratios divide by (n rows)."""
+
+    rows: torch.Tensor  # [n] the rows of the batch these values belong to
+    logp: torch.Tensor  # [n, T] log π_old of the sampled tokens
+    routes: Optional[Routes] = None  # per MoE layer [n, L, k] experts π_old chose
+
+
 class Batch(NamedTuple):
     """A scored rollout batch ready for the policy update (N = this rank's prompts × G)."""
 
     rollout: Rollout
     rewards: torch.Tensor  # [N]
     advantages: torch.Tensor  # [N]
-    old_logp: torch.Tensor  # [N, T] log π_old of the sampled tokens
     entropy: torch.Tensor  # [N, T] entropy of π_old at each response position
+    order: torch.Tensor  # [N] rows in the first epoch's mini-batch order
+    old: OldPolicy  # π_old of every row, or of every row but the first mini-batch's (see update_policy)
     ref_logp: Optional[torch.Tensor] = None  # [N, T] log π_ref, only when algo.kl_coef != 0
-    old_routes: Optional[Routes] = None  # per MoE layer [N, L, k] experts π_old chose
-    order: Optional[torch.Tensor] = None  # [N] rows in mini-batch order (None: drawn by update_policy)
-    first_minibatch_is_old: bool = False  # old_logp/old_routes of order's first mini-batch are filled
-    # by that mini-batch's own forward pass, which runs before any optimizer step: it *is* π_old
 
 
 def old_logp_source(cfg: TrainConfig) -> str:
@@ -111,26 +116,35 @@ def sample_and_score(policy, ctx: StepContext, stream: PromptStream,
     return rollout, rewards
 
 
-def old_logprobs(sampler, rollout: Rollout, ctx: StepContext, minibatches: Sequence[torch.Tensor]
-                 ) -> tuple[torch.Tensor, Optional[Routes]]:
-    """log π_old [N, T] of the rows of `minibatches` (and the experts π_old chose, per layer
-    [N, L, k]), one mini-batch at a time: peak memory is one mini-batch's logits, and rows do
-    not interact in the forward pass, so the values are those of one pass over the batch.
-    Rows in none of `minibatches` are left NaN (and their routes 0) for the caller to fill."""
-    T, num_seqs = rollout.response_mask.shape[1], rollout.input_ids.shape[0]
-    old_logp = torch.full((num_seqs, T), float("nan"), device=rollout.input_ids.device)
-    old_routes: Optional[Routes] = None if ctx.routing is None else [
-        torch.zeros(num_seqs, rollout.input_ids.shape[1], router.top_k, dtype=torch.long, device=old_logp.device)
-        for router in ctx.routing.routers]
+def old_logprobs(sampler, rollout: Rollout, ctx: StepContext, minibatches: Sequence[torch.Tensor]) -> OldPolicy:
+    """π_old of the rows of `minibatches`, one mini-batch at a time: peak memory is one
+    mini-batch's logits, and rows do not interact in the forward pass, so the values are
+    those of one pass over the batch."""
+    T = rollout.response_mask.shape[1]
+    logps, routes = [], []
     for rows in minibatches:
         capture = ctx.routing.capture() if ctx.routing else contextlib.nullcontext()
-        with torch.no_grad(), capture as routes:
-            old_logp[rows] = response_logprobs(sampler, rollout.input_ids[rows], rollout.attention_mask[rows], T,
-                                                  ctx.cfg.trainer.temperature)
-        if old_routes is not None:
-            for layer, chosen in zip(old_routes, routes_by_sequence(list(routes), len(rows))):  # [n, L, k]
-                layer[rows] = chosen
-    return old_logp, old_routes
+        with torch.no_grad(), capture as recorded:
+            logps.append(response_logprobs(sampler, rollout.input_ids[rows], rollout.attention_mask[rows], T,
+                                           ctx.cfg.trainer.temperature))
+        if recorded is not None:
+            routes.append(routes_by_sequence(list(recorded), len(rows)))  # per layer [n, L, k]
+    return OldPolicy(torch.cat(list(minibatches)), torch.cat(logps),
+                     [torch.cat(layer) for layer in zip(*routes)] if routes else None)
+
+
+def complete_old_policy(known: OldPolicy, first: OldPolicy, num_seqs: int) -> OldPolicy:
+    """π_old of every row, in row order, from two parts that together cover each row once."""
+    rows = torch.cat([known.rows, first.rows])
+    if rows.numel() != num_seqs or torch.unique(rows).numel() != num_seqs:
+        raise ValueError(f"π_old parts cover {torch.unique(rows).numel()} distinct of {rows.numel()} rows, "
+                         f"not each of the batch's {num_seqs} rows once")
+    position = torch.empty_like(rows)
+    position[rows] = torch.arange(num_seqs, device=rows.device)  # where each row's values are in the parts
+    routes = None if known.routes is None or first.routes is None else [
+        torch.cat(layer)[position] for layer in zip(known.routes, first.routes)]
+    return OldPolicy(torch.arange(num_seqs, device=rows.device), torch.cat([known.logp, first.logp])[position],
+                     routes)
 
 
 def reference_logprobs(ref_model, rollout: Rollout, minibatches: Sequence[torch.Tensor],
@@ -174,14 +188,13 @@ def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Bat
     advantages = compute_advantages(shaped, tc.group_size, algo.adv_baseline, algo.adv_scale)
 
     start = time.perf_counter()
-    order = torch.randperm(mask.shape[0], generator=ctx.generator)  # the mini-batches of update_policy
-    recompute = old_logp_source(ctx.cfg) == "recompute"
-    if recompute:  # all but the first mini-batch, whose own forward pass gives π_old (no step before it)
-        old_logp, old_routes = old_logprobs(sampler, rollout, ctx, order.chunk(tc.num_minibatches)[1:])
+    order = torch.randperm(mask.shape[0], generator=ctx.generator)  # the first epoch's mini-batches
+    if old_logp_source(ctx.cfg) == "recompute":  # all but the first mini-batch: see update_policy
+        old = old_logprobs(sampler, rollout, ctx, order.chunk(tc.num_minibatches)[1:])
     else:  # the sampler's numbers; the gap is measured on the first mini-batch (update_policy)
-        old_logp, old_routes = rollout.logp, rollout.routes
-    if old_routes is not None:
-        timings["routing/replay_cache_mb"] = routes_megabytes(old_routes)
+        old = OldPolicy(torch.arange(mask.shape[0], device=mask.device), rollout.logp, rollout.routes)
+    if old.routes is not None:
+        timings["routing/replay_cache_mb"] = routes_megabytes(old.routes)
     timings["time/old_logp_s"] = time.perf_counter() - start
 
     ref_logp = None
@@ -189,25 +202,25 @@ def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Bat
         ref_logp = reference_logprobs(ctx.ref_model, rollout, order.chunk(tc.num_minibatches), tc.temperature)
     sampler.train()
     # π_old's entropy is the sampler's: the same distribution, and no further pass is needed for it.
-    return Batch(rollout, rewards, advantages, old_logp, rollout.entropy, ref_logp, old_routes, order,
-                 first_minibatch_is_old=recompute), timings
+    return Batch(rollout, rewards, advantages, rollout.entropy, order, old, ref_logp), timings
 
 
-def minibatch_loss(logp: torch.Tensor, batch: Batch, indices: torch.Tensor, ctx: StepContext
+def minibatch_loss(logp: torch.Tensor, old: OldPolicy, batch: Batch, indices: torch.Tensor, ctx: StepContext
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The configured policy loss on one mini-batch (plus the KL penalty with a reference).
 
-    Token and sequence counts are those of the mini-batch across all ranks, so the gradient
-    averaged by DDP/FSDP equals the gradient of the loss on the whole global mini-batch.
+    `old` holds π_old of every row in row order. Token and sequence counts are those of the
+    mini-batch across all ranks, so the gradient averaged by DDP/FSDP equals the gradient of
+    the loss on the whole global mini-batch.
     """
-    algo, mask = ctx.cfg.algo, batch.rollout.response_mask[indices]
+    algo, mask, old_logp = ctx.cfg.algo, batch.rollout.response_mask[indices], old.logp[indices]
     counts = all_reduce_sum(torch.tensor([mask.sum().item(), float(mask.shape[0])]), ctx.env)
     agg = dict(loss_agg=algo.loss_agg, horizon=ctx.cfg.trainer.max_new_tokens,  # Dr. GRPO's constant
                num_tokens=counts[0].item(), num_seqs=counts[1].item(), num_shards=ctx.env.world_size)
     is_weights = None if algo.tis_cap is None else \
-        truncated_is_weights(batch.old_logp[indices], batch.rollout.logp[indices], algo.tis_cap)
+        truncated_is_weights(old_logp, batch.rollout.logp[indices], algo.tis_cap)
     loss, metrics = LOSSES[algo.loss](
-        logp, batch.old_logp[indices], batch.advantages[indices], mask,
+        logp, old_logp, batch.advantages[indices], mask,
         clip_low=algo.clip_low, clip_high=algo.clip_high, is_weights=is_weights, **agg, **algo.params)
     if batch.ref_logp is not None:
         kl = aggregate(kl_estimate(logp, batch.ref_logp[indices], algo.kl_estimator), mask, algo.loss_agg,
@@ -217,77 +230,82 @@ def minibatch_loss(logp: torch.Tensor, batch: Batch, indices: torch.Tensor, ctx:
     return loss, metrics
 
 
-def minibatch_logprobs(policy, batch: Batch, indices: torch.Tensor, ctx: StepContext, fill_old: bool = False
-                       ) -> tuple[torch.Tensor, dict[str, float]]:
-    """log π_θ of a mini-batch's responses, with the routing metrics (and replay) of MoE models.
-
-    `fill_old`: this pass runs before any optimizer step, so it is π_old; its experts become
-    the mini-batch's old routes (nothing to replay, nothing changed).
-    """
-    rollout, T = batch.rollout, batch.rollout.response_mask.shape[1]
-    if ctx.routing is None or batch.old_routes is None:
-        logp = response_logprobs(policy, rollout.input_ids[indices], rollout.attention_mask[indices], T,
-                                    ctx.cfg.trainer.temperature)
-        return logp, {}
-    replay = ctx.routing.replay(route_rows(batch.old_routes, indices)) \
-        if ctx.cfg.algo.routing_replay and not fill_old else contextlib.nullcontext()
+def minibatch_logprobs(policy, rollout: Rollout, indices: torch.Tensor, ctx: StepContext,
+                       old: Optional[OldPolicy]) -> tuple[torch.Tensor, Optional[Routes]]:
+    """log π_θ [n, T] of a mini-batch's responses and, for MoE models, the experts chosen
+    (per layer [n, L, k]); with `algo.routing_replay` and a known π_old, its experts are forced."""
+    T = rollout.response_mask.shape[1]
+    forward = lambda: response_logprobs(policy, rollout.input_ids[indices],  # noqa: E731
+                                        rollout.attention_mask[indices], T, ctx.cfg.trainer.temperature)
+    if ctx.routing is None:
+        return forward(), None
+    replay = ctx.routing.replay(route_rows(old.routes, indices)) \
+        if ctx.cfg.algo.routing_replay and old is not None and old.routes is not None else contextlib.nullcontext()
     with ctx.routing.capture() as routes, replay:
-        logp = response_logprobs(policy, rollout.input_ids[indices], rollout.attention_mask[indices], T,
-                                    ctx.cfg.trainer.temperature)
-    current = routes_by_sequence(list(routes), len(indices))
-    if fill_old:
-        for layer, chosen in zip(batch.old_routes, current):
-            layer[indices] = chosen
+        logp = forward()
+    return logp, routes_by_sequence(list(routes), len(indices))
+
+
+def minibatch_routing_metrics(rollout: Rollout, indices: torch.Tensor, routes: Optional[Routes],
+                              old: OldPolicy) -> dict[str, float]:
+    """How many of π_old's experts the current policy changed on the mini-batch's tokens."""
+    if routes is None or old.routes is None:
+        return {}
     # The tokens whose outputs give the response's log-probabilities: from the last prompt token
     # to the one before the last response token (which the sampler never feeds back).
-    predicting = torch.zeros(rollout.attention_mask[indices].shape, device=logp.device)  # [n, L]
+    T = rollout.response_mask.shape[1]
+    predicting = torch.zeros(rollout.attention_mask[indices].shape, device=rollout.response_mask.device)  # [n, L]
     predicting[:, -T - 1:-1] = rollout.response_mask[indices]
-    return logp, routing_metrics(current, [r[indices] for r in batch.old_routes], predicting)
+    return routing_metrics(routes, [layer[indices] for layer in old.routes], predicting)
 
 
 def update_policy(policy, optimizer, scheduler, batch: Batch, ctx: StepContext) -> dict[str, float]:
-    """Split the batch into mini-batches, one optimizer step each; average their metrics.
+    """`trainer.ppo_epochs` passes over the batch, each split into `trainer.num_minibatches`
+    mini-batches with one optimizer step each; the metrics average the applied steps.
 
-    The first mini-batch is on-policy (no step taken yet): its forward pass gives the
-    trainer's π_old, which is compared with the sampler's numbers (`mismatch/*`) and, when
-    π_old is recomputed, fills that mini-batch's π_old. A mini-batch whose loss or gradient
-    is not finite is skipped (no optimizer step) and counted in `faults/skipped_steps`; the
-    other metrics average the applied mini-batches (NaN loss and grad_norm if none was).
+    π_old is one value, read by every update. When the trainer recomputes it
+    (`algo.old_logp=recompute`), `collect_rollout` leaves out the first mini-batch: that
+    mini-batch's own forward pass runs before any optimizer step, so it *is* π_old, and
+    `complete_old_policy` adds it (one forward pass fewer). The first update also compares
+    the trainer's π_old with the sampler's numbers (`mismatch/*`).
+
+    A mini-batch whose loss or gradient is not finite is skipped (no optimizer step) and
+    counted in `faults/skipped_steps`; the other metrics average the applied mini-batches
+    (NaN loss and grad_norm if none was).
     """
-    tc = ctx.cfg.trainer
-    rollout, num_seqs = batch.rollout, batch.rewards.numel()
-    order = batch.order if batch.order is not None else torch.randperm(num_seqs, generator=ctx.generator)
+    tc, rollout, num_seqs = ctx.cfg.trainer, batch.rollout, batch.rewards.numel()
+    old: Optional[OldPolicy] = batch.old if batch.old.rows.numel() == num_seqs else None
     sums: dict[str, float] = {}
-    skipped = 0
-    mismatch: dict[str, float] = {}
-    for i, indices in enumerate(order.chunk(tc.num_minibatches)):
-        fill_old = i == 0 and batch.first_minibatch_is_old
-        logp, routing = minibatch_logprobs(policy, batch, indices, ctx, fill_old)
-        if fill_old:
-            batch.old_logp[indices] = logp.detach()
-        if i == 0:  # the trainer's π_old: of every row once filled, else of this mini-batch
-            trainer_logp, rows = (batch.old_logp, slice(None)) if fill_old else (logp.detach(), indices)
-            mismatch = {k: v.item() for k, v in
-                        logp_mismatch(trainer_logp, rollout.logp[rows], rollout.response_mask[rows]).items()}
-        loss, metrics = minibatch_loss(logp, batch, indices, ctx)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.max_grad_norm)
-        finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
-        if finite:
-            optimizer.step()
-        else:  # one NaN must not poison the weights, Adam's moments or the step's averages
+    skipped, mismatch = 0, {}
+    for epoch in range(tc.ppo_epochs):
+        order = batch.order if epoch == 0 else torch.randperm(num_seqs, generator=ctx.generator)
+        for indices in order.chunk(tc.num_minibatches):
+            logp, routes = minibatch_logprobs(policy, rollout, indices, ctx, old)
+            if old is None:  # no optimizer step yet: this pass is π_old of its rows
+                old = complete_old_policy(batch.old, OldPolicy(indices, logp.detach(), routes), num_seqs)
+                mismatch = logp_mismatch(old.logp, rollout.logp, rollout.response_mask)  # every row
+            elif not mismatch:  # the trainer's π_old on this mini-batch against the sampler's
+                mismatch = logp_mismatch(logp.detach(), rollout.logp[indices], rollout.response_mask[indices])
+            loss, metrics = minibatch_loss(logp, old, batch, indices, ctx)
             optimizer.zero_grad(set_to_none=True)
-            skipped += 1
-        scheduler.step()
-        if not finite:
-            continue
-        for name, value in {"loss": loss.detach(), "grad_norm": grad_norm, **metrics, **routing}.items():
-            sums[name] = sums.get(name, 0.0) + float(value)
-    applied = tc.num_minibatches - skipped
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.max_grad_norm)
+            finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+            if finite:
+                optimizer.step()
+            else:  # one NaN must not poison the weights, Adam's moments or the step's averages
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+            scheduler.step()
+            if not finite:
+                continue
+            routing = minibatch_routing_metrics(rollout, indices, routes, old)
+            for name, value in {"loss": loss.detach(), "grad_norm": grad_norm, **metrics, **routing}.items():
+                sums[name] = sums.get(name, 0.0) + float(value)
+    applied = tc.num_minibatches * tc.ppo_epochs - skipped
     means = {name: total / applied for name, total in sums.items()} if applied else {
         "loss": float("nan"), "grad_norm": float("nan")}
-    return {**means, "faults/skipped_steps": float(skipped), **mismatch}
+    return {**means, "faults/skipped_steps": float(skipped), **{k: v.item() for k, v in mismatch.items()}}
 
 
 def rollout_metrics(batch: Batch) -> dict[str, float]:
