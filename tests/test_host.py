@@ -47,3 +47,30 @@ def test_configure_host_sets_the_thread_count():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("device, setting, applied", [
+    ("cpu", None, True), ("cuda", None, False), ("cuda:1", None, False), ("cuda", True, True), ("cpu", False, False)])
+def test_keep_freed_memory_defaults_to_cpu_runs_only(monkeypatch, device, setting, applied):
+    import gspo_cli.train.host as host
+
+    calls = []
+    monkeypatch.setattr(host, "reuse_freed_memory", lambda: calls.append(True) or True)
+    configure_host(0, setting, device)
+    assert bool(calls) == applied
+
+
+def test_cpu_kernels_default_to_cpu_runs_only(tiny_model_dir):
+    """`model.experts_implementation=auto` and `model.fused_rms_norm=null` switch this tool's
+    CPU kernels on for CPU runs; elsewhere (here the meta device) transformers' code runs."""
+    from gspo_cli.models.kernels import experts
+    from gspo_cli.models.loading import load_model
+
+    def kernels(model):
+        fused = [m for m in model.modules() if "forward" in vars(m)]  # fuse_rms_norms binds forward per module
+        return model.config._experts_implementation == experts.NAME, bool(fused)
+
+    assert kernels(load_model(tiny_model_dir, device="cpu")) == (True, True)
+    assert kernels(load_model(tiny_model_dir, device="meta")) == (False, False)
+    assert kernels(load_model(tiny_model_dir, device="meta", experts_implementation=experts.NAME,
+                              fused_rms_norm=True)) == (True, True)

@@ -44,7 +44,7 @@ def test_other_dtypes_keep_the_original_forward():
 def test_a_loaded_model_with_fused_norms_computes_the_same_logits(tiny_model_dir):
     from gspo_cli.models.loading import load_model
 
-    plain, fused = load_model(tiny_model_dir), load_model(tiny_model_dir, fused_rms_norm=True)
+    plain, fused = load_model(tiny_model_dir, fused_rms_norm=False), load_model(tiny_model_dir, fused_rms_norm=True)
     num_norms = sum(type(m).__name__ in ("Qwen3MoeRMSNorm", "Qwen3RMSNorm") for m in fused.modules())
     assert num_norms > 0 and fuse_rms_norms(fused) == num_norms  # all of them, and idempotent
     ids = torch.randint(0, fused.config.vocab_size, (3, 9))

@@ -8,10 +8,12 @@ Hugging Face directories, so they go through the very same path.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from gspo_cli.config import on_cpu_by_default
 from gspo_cli.models.kernels import experts
 from gspo_cli.models.kernels.rms_norm import fuse_rms_norms
 from gspo_cli.models.routing import is_moe
@@ -30,11 +32,13 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
 
 def load_model(
     path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
-    experts_implementation: str = "auto", fused_rms_norm: bool = False,
+    experts_implementation: str = "auto", fused_rms_norm: Optional[bool] = None,
 ) -> PreTrainedModel:
     """Load a causal LM with `from_pretrained` (hub id or local directory); MoE models run
     their experts with `experts_implementation` (see `kernels.experts.choose`), and with
-    `fused_rms_norm` the RMSNorms run as one autograd node each (`kernels.rms_norm`)."""
+    `fused_rms_norm` the RMSNorms run as one autograd node each (`kernels.rms_norm`). Both
+    CPU kernels are on by default on the CPU only (`auto`, None): elsewhere the model runs
+    transformers' own code unless asked."""
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(
@@ -45,7 +49,7 @@ def load_model(
         if implementation == experts.NAME and not experts.REGISTERED:
             raise ValueError(f"model.experts_implementation={experts.NAME} needs transformers >= 5")
         model.set_experts_implementation(implementation)
-    if fused_rms_norm:
+    if on_cpu_by_default(fused_rms_norm, device):
         fuse_rms_norms(model)
     return model.to(device)
 

@@ -15,8 +15,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+from typing import Optional
 
 import torch
+
+from gspo_cli.config import on_cpu_by_default
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -52,9 +55,10 @@ def reuse_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
 
 
-def configure_host(num_threads: int, keep_freed_memory: bool) -> None:
-    """Apply `hardware.num_threads` (0: torch's default) and `hardware.keep_freed_memory`."""
+def configure_host(num_threads: int, keep_freed_memory: Optional[bool], device: str = "cpu") -> None:
+    """Apply `hardware.num_threads` (0: torch's default) and `hardware.keep_freed_memory`
+    (None: on for CPU runs only)."""
     if num_threads > 0:
         torch.set_num_threads(num_threads)
-    if keep_freed_memory:
+    if on_cpu_by_default(keep_freed_memory, device):
         reuse_freed_memory()

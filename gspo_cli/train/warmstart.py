@@ -83,9 +83,9 @@ def warm_started_dir(model_cfg: ModelConfig, task_cfg: TaskConfig, cache_dir: Pa
         return target
     log(f"warm start: supervised phase on '{task.name}' reference answers (cached in {target})")
     torch.manual_seed(model_cfg.warm_start.seed)
-    # transformers' own experts kernel: the warm start stands in for a pretrained base, cached by
-    # its config, so it must not move when this tool's faster kernel (other rounding) changes.
-    model, tokenizer = load_model(base, experts_implementation="default"), load_tokenizer(base)
+    # transformers' own experts and RMSNorm code: the warm start stands in for a pretrained base,
+    # cached by its config, so it must not move when this tool's faster kernels (other rounding) change.
+    model, tokenizer = load_model(base, experts_implementation="default", fused_rms_norm=False), load_tokenizer(base)
     start = time.perf_counter()
     summary = warm_start(model, tokenizer, task, model_cfg.warm_start, max_new_tokens, log)
     log(f"warm start: done in {time.perf_counter() - start:.0f}s, {summary}")
