@@ -1,4 +1,4 @@
-"""The workload through this project's trainer, via its public API (`gspo_cli.train.train`)."""
+"""The workload through this project's trainer, via its public API (`gspo_cli.train.loop.train`)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def summarize_metrics(lines: list[dict[str, Any]], rollout_size: int, first: int
 
 
 def run_project(cfg: TrainConfig, run_dir: Path, prompt_tokens: int, warmup_steps: int) -> dict[str, Any]:
-    """Train with `gspo_cli.train.train`; read the warm-up and the timed steps back from `metrics.jsonl`.
+    """Train with `gspo_cli.train.loop.train`; read the warm-up and the timed steps back from `metrics.jsonl`.
 
     `prompt_tokens` are those of the timed steps."""
     from importlib.metadata import version
