@@ -11,7 +11,8 @@ from gspo_cli.config import TrainConfig
 from gspo_cli.models.loading import load_model
 from gspo_cli.rollout.generate import Rollout
 from gspo_cli.train.distributed import init_distributed, shutdown, wrap_model
-from gspo_cli.train.steps import Batch, OldPolicy, StepContext, mean_over_ranks, update_policy
+from gspo_cli.train.steps import Batch, OldPolicy, StepContext, mean_over_ranks
+from gspo_cli.train.update import update_policy
 
 
 def batch_rows(data: dict, rows: slice) -> Batch:

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from gspo_cli.algo.batch_shaping import informative_groups, overlong_penalty
+from gspo_cli.rollout.batching import concat_rollouts, rollout_rows
 from gspo_cli.rollout.generate import Rollout
-from gspo_cli.rollout.refill import concat_rollouts, fill_with_informative_groups, rollout_rows
+from gspo_cli.rollout.refill import fill_with_informative_groups
 
 PAD = 0
 

@@ -35,19 +35,19 @@ def test_non_finite_updates_are_skipped_then_the_run_stops_with_a_checkpoint(tmp
     from conftest import compose_train
     from test_train import small_overrides
 
+    from gspo_cli.algo.losses import LOSSES
     from gspo_cli.models.loading import load_model
-    from gspo_cli.train import steps
     from gspo_cli.train.checkpoint import latest_checkpoint
     from gspo_cli.train.guards import TrainingDiverged
     from gspo_cli.train.loop import train
 
-    real = steps.LOSSES["gspo"]
+    real = LOSSES["gspo"]
 
     def poisoned(*args, **kwargs):
         loss, metrics = real(*args, **kwargs)
         return loss * float("nan"), metrics
 
-    monkeypatch.setitem(steps.LOSSES, "gspo", poisoned)
+    monkeypatch.setitem(LOSSES, "gspo", poisoned)
     cfg = compose_train(small_overrides(cache_dir, steps=5) + ["logger=none", "trainer.max_bad_steps=2"])
     with pytest.raises(TrainingDiverged, match="2 steps in a row"):
         train(cfg, tmp_path)
@@ -67,17 +67,17 @@ def test_one_nan_minibatch_is_skipped_counted_and_training_goes_on(tmp_path, cac
     from conftest import compose_train
     from test_train import small_overrides
 
-    from gspo_cli.train import steps
+    from gspo_cli.algo.losses import LOSSES
     from gspo_cli.train.loop import train
 
-    real, calls = steps.LOSSES["gspo"], {"n": 0}
+    real, calls = LOSSES["gspo"], {"n": 0}
 
     def nan_once(*args, **kwargs):
         loss, metrics = real(*args, **kwargs)
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 2 else loss), metrics
 
-    monkeypatch.setitem(steps.LOSSES, "gspo", nan_once)
+    monkeypatch.setitem(LOSSES, "gspo", nan_once)
     cfg = compose_train(small_overrides(cache_dir, steps=3) + ["logger=none"])
     train(cfg, tmp_path)
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]

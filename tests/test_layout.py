@@ -12,10 +12,8 @@ LAYERS = {"config": -1, "algo": 0, "data": 1, "models": 1, "report": 1, "rollout
 
 def layer_of(module: str) -> str:
     """'gspo_cli.train.loop' -> 'train'; top-level modules (cli, launch, evaluate, ...) -> 'top'."""
-    parts = module.split(".")
-    if len(parts) == 2 or parts[1] not in LAYERS:
-        return "config" if parts[1:] == ["config"] else "top"
-    return parts[1]
+    name = module.split(".")[1]
+    return name if name in LAYERS else "top"
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -133,19 +133,20 @@ def test_old_logp_by_minibatch_equals_one_forward_pass_and_leaves_out_the_first(
     routing.remove()
 
 
-def test_reference_logp_by_minibatch_equals_one_forward_pass_over_every_row(tiny_model):
-    """log π_ref is computed a mini-batch at a time (memory), and no row is left out."""
+def test_reference_logp_by_micro_batch_equals_one_forward_pass_over_every_row(tiny_model, cache_dir):
+    """log π_ref is computed a micro-batch at a time (memory), and no row is left out."""
     from gspo_cli.train.steps import reference_logprobs
 
     model, tokenizer = tiny_model
+    cfg = compose_train(small_overrides(cache_dir) + ["trainer.micro_batch_size=4", "trainer.temperature=0.7"])
+    ctx = StepContext(cfg, None, tokenizer, DistEnv(), torch.Generator())
     model.eval()
     prompts = [f"{a}*{a}=" for a in range(10)]
     rollout = generate_rollout(model, tokenizer, prompts, 4, 1.0, torch.Generator().manual_seed(1))
     T = rollout.response_mask.shape[1]
     passes = []
     hook = model.register_forward_hook(lambda module, args, out: passes.append(out.logits.shape[0]))
-    minibatches = torch.randperm(10, generator=torch.Generator().manual_seed(1)).chunk(3)  # 4, 4, 2 rows
-    logp = reference_logprobs(model, rollout, minibatches, temperature=0.7)
+    logp = reference_logprobs(model, rollout, ctx)  # micro-batches of 4, 4, 2 rows
     hook.remove()
     with torch.no_grad():
         whole = response_logprobs(model, rollout.input_ids, rollout.attention_mask, T, 0.7)
@@ -157,6 +158,7 @@ def test_first_minibatch_gives_pi_old_so_recompute_runs_one_pass_fewer(tmp_path,
     """algo.old_logp=recompute with 2 mini-batches: one π_old pass (the second mini-batch),
     the first mini-batch's ratio is exactly 1, and every row ends with a finite π_old."""
     import gspo_cli.train.steps as steps
+    import gspo_cli.train.update as update
     from gspo_cli.train.loop import make_context
 
     cfg = compose_train(small_overrides(cache_dir) + ["algo.old_logp=recompute", "trainer.num_minibatches=2"])
@@ -169,13 +171,16 @@ def test_first_minibatch_gives_pi_old_so_recompute_runs_one_pass_fewer(tmp_path,
     batch, _ = steps.collect_rollout(policy, ctx, state.stream)
     assert passes == [False]  # π_old of the second mini-batch only
     assert torch.equal(batch.old.rows, batch.order.chunk(2)[1])  # the first mini-batch is left out
-    ratios, olds, original_loss = [], [], steps.minibatch_loss
-    monkeypatch.setattr(steps, "minibatch_loss", lambda logp, old, b, idx, c: ratios.append(
-        torch.exp(logp.detach() - old.logp[idx])) or olds.append(old) or original_loss(logp, old, b, idx, c))
-    metrics = steps.update_policy(policy, state.optimizer, state.scheduler, batch, ctx)
+    ratios, completed = [], []
+    original_loss, original_complete = update.minibatch_loss, update.complete_old_policy
+    monkeypatch.setattr(update, "minibatch_loss", lambda logp, old_logp, b, idx, c, n: ratios.append(
+        torch.exp(logp.detach() - old_logp)) or original_loss(logp, old_logp, b, idx, c, n))
+    monkeypatch.setattr(update, "complete_old_policy", lambda parts, n: completed.append(
+        original_complete(parts, n)) or completed[-1])
+    metrics = update.update_policy(policy, state.optimizer, state.scheduler, batch, ctx)
     assert torch.equal(ratios[0], torch.ones_like(ratios[0]))  # on-policy: π_old is this very pass
-    assert olds[0] is olds[1] and torch.equal(olds[0].rows, torch.arange(batch.rewards.numel()))
-    assert torch.isfinite(olds[0].logp).all()
+    assert len(completed) == 1 and torch.equal(completed[0].rows, torch.arange(batch.rewards.numel()))
+    assert torch.isfinite(completed[0].logp).all()
     assert metrics["mismatch/logp_abs_diff"] < 1e-4  # every row's trainer π_old against the sampler's
     assert len(ratios) == 2 and not torch.equal(ratios[1], torch.ones_like(ratios[1]))  # after a step
 

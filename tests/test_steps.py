@@ -8,6 +8,7 @@ from conftest import compose_train
 from test_train import small_overrides
 
 import gspo_cli.train.steps as steps
+import gspo_cli.train.update as update
 from gspo_cli.rollout.scoring import response_logprobs
 from gspo_cli.train.distributed import DistEnv
 from gspo_cli.train.loop import make_context, setup
@@ -17,11 +18,11 @@ def test_complete_old_policy_puts_each_row_back_in_its_place():
     # Rows 2, 0 are known (logp 20, 0); the first mini-batch holds rows 3, 1 (logp 30, 10).
     known = steps.OldPolicy(torch.tensor([2, 0]), torch.tensor([[20.0], [0.0]]), [torch.tensor([[[2]], [[0]]])])
     first = steps.OldPolicy(torch.tensor([3, 1]), torch.tensor([[30.0], [10.0]]), [torch.tensor([[[3]], [[1]]])])
-    old = steps.complete_old_policy(known, first, 4)
+    old = steps.complete_old_policy([known, first], 4)
     assert old.logp.squeeze(1).tolist() == [0.0, 10.0, 20.0, 30.0]
     assert old.routes[0].flatten().tolist() == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="each of the batch's 5 rows once"):
-        steps.complete_old_policy(known, first, 5)
+        steps.complete_old_policy([known, first], 5)
 
 
 @pytest.mark.parametrize("source", ["recompute", "rollout"])
@@ -37,11 +38,11 @@ def test_every_epoch_divides_by_the_rollout_policy(tmp_path, cache_dir, monkeypa
     rollout_policy = copy.deepcopy(policy).eval()
     with torch.no_grad():
         expected = response_logprobs(rollout_policy, rollout.input_ids, rollout.attention_mask, T, cfg.trainer.temperature)
-    seen, original_loss = [], steps.minibatch_loss
-    monkeypatch.setattr(steps, "minibatch_loss", lambda logp, old, b, idx, c: seen.append(
-        (idx, old.logp[idx].clone(), logp.detach())) or original_loss(logp, old, b, idx, c))
+    seen, original_loss = [], update.minibatch_loss
+    monkeypatch.setattr(update, "minibatch_loss", lambda logp, old_logp, b, idx, c, n: seen.append(
+        (idx, old_logp.clone(), logp.detach())) or original_loss(logp, old_logp, b, idx, c, n))
 
-    steps.update_policy(policy, state.optimizer, state.scheduler, batch, ctx)
+    update.update_policy(policy, state.optimizer, state.scheduler, batch, ctx)
 
     assert len(seen) == 4
     mask = rollout.response_mask.bool()
@@ -52,3 +53,62 @@ def test_every_epoch_divides_by_the_rollout_policy(tmp_path, cache_dir, monkeypa
     assert (logp - old_logp)[mask[indices]].abs().max() > 1e-3
     # The second epoch covers every row again, in another order.
     assert sorted(torch.cat([i for i, _, _ in seen[2:]]).tolist()) == list(range(batch.rewards.numel()))
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                      "seq-mean-token-sum-norm"])
+def test_micro_batches_give_the_loss_and_gradient_of_one_pass(tmp_path, cache_dir, loss_agg):
+    """trainer.micro_batch_size=3 on a mini-batch of 32 sequences (11 passes, the last of 2
+    rows): the same loss and the same SGD step as one pass over the mini-batch."""
+    import dataclasses
+
+    cfg = compose_train(small_overrides(cache_dir) + [
+        "trainer.num_minibatches=1", "algo.old_logp=rollout", f"algo.loss_agg={loss_agg}", "trainer.max_grad_norm=1e9"])
+    policy, tokenizer, task, state = setup(cfg, tmp_path, DistEnv(), print)
+    ctx = make_context(cfg, policy, tokenizer, task, DistEnv(), state)
+    batch, _ = steps.collect_rollout(policy, ctx, state.stream)
+    start = copy.deepcopy(policy.state_dict())
+
+    def one_step(micro_batch_size):
+        policy.load_state_dict(start)
+        trainer = dataclasses.replace(cfg.trainer, micro_batch_size=micro_batch_size)
+        sgd = torch.optim.SGD(policy.parameters(), lr=1.0)
+        metrics = update.update_policy(policy, sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda i: 1.0), batch,
+                                       dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, trainer=trainer)))
+        return metrics, {k: v.detach().clone() for k, v in policy.state_dict().items()}
+
+    (whole, after_whole), (micro, after_micro) = one_step(0), one_step(3)
+    assert micro["loss"] == pytest.approx(whole["loss"], rel=1e-5, abs=1e-8)
+    assert micro["clip/fraction"] == pytest.approx(whole["clip/fraction"], rel=1e-5, abs=1e-8)  # token-weighted
+    moved = [k for k in start if not torch.equal(start[k], after_whole[k])]
+    assert moved  # the step did something
+    for name in moved:  # lr 1: the change is the gradient
+        delta_whole, delta_micro = after_whole[name] - start[name], after_micro[name] - start[name]
+        assert torch.allclose(delta_micro, delta_whole, rtol=1e-4, atol=1e-7), name
+
+
+def test_chunked_logprobs_equal_the_full_computation_without_full_logits(tiny_model):
+    """chunk_size=3 over 8 response positions: the same log-probabilities and gradients as
+    the [n, T, V] path, and no [n, T, V] tensor is kept for the backward pass."""
+    from gspo_cli.rollout.generate import generate_rollout
+
+    model, tokenizer = tiny_model
+    rollout = generate_rollout(model, tokenizer, ["1+2=", "7+7=", "40+59="], 8, 1.0, torch.Generator().manual_seed(0))
+    T, V = rollout.response_mask.shape[1], model.config.vocab_size
+
+    def logprobs_grads_and_saved(chunk_size):
+        model.zero_grad()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            logp = response_logprobs(model, rollout.input_ids, rollout.attention_mask, T, 0.7, chunk_size)
+        (logp * rollout.response_mask).sum().backward()
+        return logp.detach(), [p.grad.clone() for p in model.parameters()], saved
+
+    full, full_grads, full_saved = logprobs_grads_and_saved(0)
+    chunked, chunked_grads, chunked_saved = logprobs_grads_and_saved(3)
+    assert T == 8 and torch.allclose(chunked, full, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(chunked_grads, full_grads))
+    # Tensors over the vocabulary kept for the backward pass: the full path keeps [n, T, V]
+    # log-softmax outputs; the chunked one none (each chunk's are recomputed in the backward).
+    over_vocab = lambda shapes: [s for s in shapes if s[-1] == V]  # noqa: E731
+    assert any(s[1] == T for s in over_vocab(full_saved)) and not over_vocab(chunked_saved)

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from gspo_cli.config import on_cpu_by_default
+from gspo_cli.models import logprob_head
 from gspo_cli.models.kernels import experts
 from gspo_cli.models.kernels.rms_norm import fuse_rms_norms
 from gspo_cli.models.routing import is_moe
@@ -33,6 +34,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
 def load_model(
     path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
     experts_implementation: str = "auto", fused_rms_norm: Optional[bool] = None,
+    gradient_checkpointing: bool = False,
 ) -> PreTrainedModel:
     """Load a causal LM with `from_pretrained` (hub id or local directory); MoE models run
     their experts with `experts_implementation` (see `kernels.experts.choose`), and with
@@ -51,6 +53,9 @@ def load_model(
         model.set_experts_implementation(implementation)
     if on_cpu_by_default(fused_rms_norm, device):
         fuse_rms_norms(model)
+    logprob_head.install(model)  # the plain projection until a scoring pass asks for log-probabilities
+    if gradient_checkpointing:  # transformers' own: layer activations recomputed in the backward pass
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device)
 
 

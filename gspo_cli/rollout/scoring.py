@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from gspo_cli.models import logprob_head
+
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip left padding: [N, L] mask -> [N, L] positions."""
@@ -21,24 +23,33 @@ def response_logprobs(
     attention_mask: torch.Tensor,
     num_response_tokens: int,
     temperature: float = 1.0,
+    chunk_size: int = 0,
 ) -> torch.Tensor:
     """Log-probabilities of the response tokens under `model` (with gradient if enabled).
 
-    Only the logits of the last T + 1 positions are computed (`logits_to_keep`). The
+    Only the last T + 1 positions reach the output projection (`logits_to_keep`). With
+    `chunk_size` > 0 and the log-probability head installed (`models.logprob_head`, done by
+    `load_model`), the logits exist for `chunk_size` positions at a time, in float32, and are
+    recomputed in the backward pass; otherwise the full `[N, T, V]` logits are computed. The
     entropy of π_old is not computed here: the sampler reports it (`Rollout.entropy`).
 
     Args:
         input_ids, attention_mask: [N, P + T].
         num_response_tokens: T.
         temperature: the sampling temperature, so that π matches the sampler.
+        chunk_size: response positions whose logits exist at once (0: all).
 
     Returns:
-        logp [N, T].
+        logp [N, T], float32.
     """
     T = num_response_tokens
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=positions_from_mask(attention_mask), logits_to_keep=T + 1)
-    logits = out.logits[:, :-1].float()  # [N, T, V]: position t predicts response token t
+    forward = dict(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=positions_from_mask(attention_mask), logits_to_keep=T + 1)
+    inner = getattr(model, "module", model)  # a DDP wrapper's model holds the head
+    if chunk_size > 0 and logprob_head.installed(inner):
+        with logprob_head.returning_logprobs(inner, input_ids[:, -T:], temperature, chunk_size):
+            return model(**forward).logits  # [N, T]: the head returned log-probabilities
+    logits = model(**forward).logits[:, :-1].float()  # [N, T, V]: position t predicts response token t
     if temperature != 1.0:
         logits = logits / temperature
     log_probs = torch.log_softmax(logits, dim=-1)  # [N, T, V]

@@ -7,6 +7,7 @@ world size: sums are all-reduced, and losses are normalised by global counts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Sequence, TypeVar
@@ -106,6 +107,27 @@ def wrap_model(model: torch.nn.Module, strategy: str, env: DistEnv, precision: s
         fully_shard(model, mp_policy=policy)
         return model
     raise ValueError(f"hardware.strategy={strategy!r} is not one of ['ddp', 'fsdp']")
+
+
+def gradient_sync(model: torch.nn.Module, enabled: bool):
+    """A context for a backward pass that all-reduces gradients across ranks (`enabled`) or
+    only accumulates them locally: the micro-batches of a mini-batch but its last."""
+    if enabled:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        return _fsdp_no_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: torch.nn.Module):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -16,21 +16,17 @@ from typing import Any, NamedTuple, Optional, Sequence
 import torch
 
 from gspo_cli.algo.advantages import compute_advantages
-from gspo_cli.algo.aggregation import aggregate
 from gspo_cli.algo.batch_shaping import overlong_penalty
-from gspo_cli.algo.kl import kl_estimate
-from gspo_cli.algo.losses import LOSSES, masked_mean
-from gspo_cli.algo.rollout_correction import logp_mismatch, truncated_is_weights
+from gspo_cli.algo.losses import masked_mean
 from gspo_cli.config import TrainConfig
 from gspo_cli.data.tasks import PromptStream, Task
 from gspo_cli.models.routing import (
     MoERouting,
     Routes,
-    route_rows,
     routes_by_sequence,
     routes_megabytes,
-    routing_metrics,
 )
+from gspo_cli.rollout.batching import concat_rollouts
 from gspo_cli.rollout.generate import Rollout, generate_rollout
 from gspo_cli.rollout.refill import fill_with_informative_groups
 from gspo_cli.rollout.scoring import response_logprobs
@@ -82,14 +78,21 @@ def old_logp_source(cfg: TrainConfig) -> str:
     trainer's numbers: the sampler is this very model, in float32, so a recomputation
     would return them again (to ~1e-7 on CPU, `mismatch/logp_abs_diff` logs the gap) at
     the cost of a forward pass over the whole batch. Under bf16 the KV-cache path of the
-    sampler rounds differently from the trainer's full pass, and `algo.tis_cap` exists to
+    sampler rounds differently from the trainer's full pass, and a rollout correction exists to
     correct that gap, so both recompute.
     """
     algo = cfg.algo
     if algo.old_logp != "auto":
         return algo.old_logp
     same_numbers = cfg.hardware.precision == "fp32" and cfg.model.dtype == "float32"
-    return "rollout" if same_numbers and algo.tis_cap is None else "recompute"
+    return "rollout" if same_numbers and rollout_correction(cfg)[0] == "none" else "recompute"
+
+
+def rollout_correction(cfg: TrainConfig) -> tuple[str, float]:
+    """(mode, cap) of the rollout correction; `algo.tis_cap=C` is `tis-token` with cap C."""
+    algo = cfg.algo
+    return ("tis-token", algo.tis_cap) if algo.tis_cap is not None else (algo.rollout_correction,
+                                                                          algo.rollout_correction_cap)
 
 
 def sample_and_score(policy, ctx: StepContext, stream: PromptStream,
@@ -102,8 +105,11 @@ def sample_and_score(policy, ctx: StepContext, stream: PromptStream,
 
     start = time.perf_counter()
     routing = ctx.routing if old_logp_source(ctx.cfg) == "rollout" else None  # the sampler's routes are π_old's
-    rollout = generate_rollout(policy, ctx.tokenizer, prompts, tc.max_new_tokens, tc.temperature,
-                               ctx.sampling_generator or ctx.generator, ctx.still_running, routing)
+    size = tc.rollout_batch_size or len(prompts)  # rows whose KV cache exists at once
+    rollout = concat_rollouts([
+        generate_rollout(policy, ctx.tokenizer, prompts[i:i + size], tc.max_new_tokens, tc.temperature,
+                         ctx.sampling_generator or ctx.generator, ctx.still_running, routing)
+        for i in range(0, len(prompts), size)], ctx.tokenizer.pad_token_id)
     timings["time/generate_s"] = timings.get("time/generate_s", 0.0) + time.perf_counter() - start
 
     start = time.perf_counter()
@@ -116,48 +122,50 @@ def sample_and_score(policy, ctx: StepContext, stream: PromptStream,
     return rollout, rewards
 
 
+def micro_batches(rows: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
+    """Rows of a mini-batch in passes of at most `size` sequences (0: one pass)."""
+    return rows.split(size) if size > 0 else (rows,)
+
+
 def old_logprobs(sampler, rollout: Rollout, ctx: StepContext, minibatches: Sequence[torch.Tensor]) -> OldPolicy:
-    """π_old of the rows of `minibatches`, one mini-batch at a time: peak memory is one
-    mini-batch's logits, and rows do not interact in the forward pass, so the values are
+    """π_old of the rows of `minibatches`, one micro-batch at a time: peak memory is one
+    micro-batch's pass, and rows do not interact in the forward pass, so the values are
     those of one pass over the batch."""
-    T = rollout.response_mask.shape[1]
+    tc, T = ctx.cfg.trainer, rollout.response_mask.shape[1]
+    rows = torch.cat(list(minibatches))
     logps, routes = [], []
-    for rows in minibatches:
+    for micro in micro_batches(rows, tc.micro_batch_size):
         capture = ctx.routing.capture() if ctx.routing else contextlib.nullcontext()
         with torch.no_grad(), capture as recorded:
-            logps.append(response_logprobs(sampler, rollout.input_ids[rows], rollout.attention_mask[rows], T,
-                                           ctx.cfg.trainer.temperature))
+            logps.append(response_logprobs(sampler, rollout.input_ids[micro], rollout.attention_mask[micro], T,
+                                           tc.temperature, tc.logprob_chunk_size))
         if recorded is not None:
-            routes.append(routes_by_sequence(list(recorded), len(rows)))  # per layer [n, L, k]
-    return OldPolicy(torch.cat(list(minibatches)), torch.cat(logps),
-                     [torch.cat(layer) for layer in zip(*routes)] if routes else None)
+            routes.append(routes_by_sequence(list(recorded), len(micro)))  # per layer [n, L, k]
+    return OldPolicy(rows, torch.cat(logps), [torch.cat(layer) for layer in zip(*routes)] if routes else None)
 
 
-def complete_old_policy(known: OldPolicy, first: OldPolicy, num_seqs: int) -> OldPolicy:
-    """π_old of every row, in row order, from two parts that together cover each row once."""
-    rows = torch.cat([known.rows, first.rows])
+def complete_old_policy(parts: Sequence[OldPolicy], num_seqs: int) -> OldPolicy:
+    """π_old of every row, in row order, from parts that together cover each row once."""
+    rows = torch.cat([part.rows for part in parts])
     if rows.numel() != num_seqs or torch.unique(rows).numel() != num_seqs:
         raise ValueError(f"π_old parts cover {torch.unique(rows).numel()} distinct of {rows.numel()} rows, "
                          f"not each of the batch's {num_seqs} rows once")
     position = torch.empty_like(rows)
     position[rows] = torch.arange(num_seqs, device=rows.device)  # where each row's values are in the parts
-    routes = None if known.routes is None or first.routes is None else [
-        torch.cat(layer)[position] for layer in zip(known.routes, first.routes)]
-    return OldPolicy(torch.arange(num_seqs, device=rows.device), torch.cat([known.logp, first.logp])[position],
+    routes = None if any(part.routes is None for part in parts) else [
+        torch.cat(layer)[position] for layer in zip(*(part.routes for part in parts))]
+    return OldPolicy(torch.arange(num_seqs, device=rows.device), torch.cat([part.logp for part in parts])[position],
                      routes)
 
 
-def reference_logprobs(ref_model, rollout: Rollout, minibatches: Sequence[torch.Tensor],
-                       temperature: float) -> torch.Tensor:
-    """log π_ref [N, T] of every row, one mini-batch at a time (peak memory: one mini-batch's
-    [n, T, V] logits, as for π_old; a whole batch of a 150k-token vocabulary would not fit)."""
-    T = rollout.response_mask.shape[1]
-    ref_logp = torch.empty(rollout.input_ids.shape[0], T, device=rollout.input_ids.device)
+def reference_logprobs(ref_model, rollout: Rollout, ctx: StepContext) -> torch.Tensor:
+    """log π_ref [N, T] of every row, one micro-batch at a time (as for π_old)."""
+    tc, T = ctx.cfg.trainer, rollout.response_mask.shape[1]
+    rows = torch.arange(rollout.input_ids.shape[0], device=rollout.input_ids.device)
     with torch.no_grad():
-        for rows in minibatches:
-            ref_logp[rows] = response_logprobs(ref_model, rollout.input_ids[rows], rollout.attention_mask[rows],
-                                                  T, temperature)
-    return ref_logp
+        return torch.cat([response_logprobs(ref_model, rollout.input_ids[micro], rollout.attention_mask[micro], T,
+                                            tc.temperature, tc.logprob_chunk_size)
+                          for micro in micro_batches(rows, tc.micro_batch_size)])
 
 
 def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Batch, dict[str, float]]:
@@ -199,113 +207,10 @@ def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Bat
 
     ref_logp = None
     if ctx.ref_model is not None:
-        ref_logp = reference_logprobs(ctx.ref_model, rollout, order.chunk(tc.num_minibatches), tc.temperature)
+        ref_logp = reference_logprobs(ctx.ref_model, rollout, ctx)
     sampler.train()
     # π_old's entropy is the sampler's: the same distribution, and no further pass is needed for it.
     return Batch(rollout, rewards, advantages, rollout.entropy, order, old, ref_logp), timings
-
-
-def minibatch_loss(logp: torch.Tensor, old: OldPolicy, batch: Batch, indices: torch.Tensor, ctx: StepContext
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The configured policy loss on one mini-batch (plus the KL penalty with a reference).
-
-    `old` holds π_old of every row in row order. Token and sequence counts are those of the
-    mini-batch across all ranks, so the gradient averaged by DDP/FSDP equals the gradient of
-    the loss on the whole global mini-batch.
-    """
-    algo, mask, old_logp = ctx.cfg.algo, batch.rollout.response_mask[indices], old.logp[indices]
-    counts = all_reduce_sum(torch.tensor([mask.sum().item(), float(mask.shape[0])]), ctx.env)
-    agg = dict(loss_agg=algo.loss_agg, horizon=ctx.cfg.trainer.max_new_tokens,  # Dr. GRPO's constant
-               num_tokens=counts[0].item(), num_seqs=counts[1].item(), num_shards=ctx.env.world_size)
-    is_weights = None if algo.tis_cap is None else \
-        truncated_is_weights(old_logp, batch.rollout.logp[indices], algo.tis_cap)
-    loss, metrics = LOSSES[algo.loss](
-        logp, old_logp, batch.advantages[indices], mask,
-        clip_low=algo.clip_low, clip_high=algo.clip_high, is_weights=is_weights, **agg, **algo.params)
-    if batch.ref_logp is not None:
-        kl = aggregate(kl_estimate(logp, batch.ref_logp[indices], algo.kl_estimator), mask, algo.loss_agg,
-                       **{k: v for k, v in agg.items() if k != "loss_agg"})
-        loss = loss + algo.kl_coef * kl
-        metrics["kl/ref"] = kl.detach()
-    return loss, metrics
-
-
-def minibatch_logprobs(policy, rollout: Rollout, indices: torch.Tensor, ctx: StepContext,
-                       old: Optional[OldPolicy]) -> tuple[torch.Tensor, Optional[Routes]]:
-    """log π_θ [n, T] of a mini-batch's responses and, for MoE models, the experts chosen
-    (per layer [n, L, k]); with `algo.routing_replay` and a known π_old, its experts are forced."""
-    T = rollout.response_mask.shape[1]
-    forward = lambda: response_logprobs(policy, rollout.input_ids[indices],  # noqa: E731
-                                        rollout.attention_mask[indices], T, ctx.cfg.trainer.temperature)
-    if ctx.routing is None:
-        return forward(), None
-    replay = ctx.routing.replay(route_rows(old.routes, indices)) \
-        if ctx.cfg.algo.routing_replay and old is not None and old.routes is not None else contextlib.nullcontext()
-    with ctx.routing.capture() as routes, replay:
-        logp = forward()
-    return logp, routes_by_sequence(list(routes), len(indices))
-
-
-def minibatch_routing_metrics(rollout: Rollout, indices: torch.Tensor, routes: Optional[Routes],
-                              old: OldPolicy) -> dict[str, float]:
-    """How many of π_old's experts the current policy changed on the mini-batch's tokens."""
-    if routes is None or old.routes is None:
-        return {}
-    # The tokens whose outputs give the response's log-probabilities: from the last prompt token
-    # to the one before the last response token (which the sampler never feeds back).
-    T = rollout.response_mask.shape[1]
-    predicting = torch.zeros(rollout.attention_mask[indices].shape, device=rollout.response_mask.device)  # [n, L]
-    predicting[:, -T - 1:-1] = rollout.response_mask[indices]
-    return routing_metrics(routes, [layer[indices] for layer in old.routes], predicting)
-
-
-def update_policy(policy, optimizer, scheduler, batch: Batch, ctx: StepContext) -> dict[str, float]:
-    """`trainer.ppo_epochs` passes over the batch, each split into `trainer.num_minibatches`
-    mini-batches with one optimizer step each; the metrics average the applied steps.
-
-    π_old is one value, read by every update. When the trainer recomputes it
-    (`algo.old_logp=recompute`), `collect_rollout` leaves out the first mini-batch: that
-    mini-batch's own forward pass runs before any optimizer step, so it *is* π_old, and
-    `complete_old_policy` adds it (one forward pass fewer). The first update also compares
-    the trainer's π_old with the sampler's numbers (`mismatch/*`).
-
-    A mini-batch whose loss or gradient is not finite is skipped (no optimizer step) and
-    counted in `faults/skipped_steps`; the other metrics average the applied mini-batches
-    (NaN loss and grad_norm if none was).
-    """
-    tc, rollout, num_seqs = ctx.cfg.trainer, batch.rollout, batch.rewards.numel()
-    old: Optional[OldPolicy] = batch.old if batch.old.rows.numel() == num_seqs else None
-    sums: dict[str, float] = {}
-    skipped, mismatch = 0, {}
-    for epoch in range(tc.ppo_epochs):
-        order = batch.order if epoch == 0 else torch.randperm(num_seqs, generator=ctx.generator)
-        for indices in order.chunk(tc.num_minibatches):
-            logp, routes = minibatch_logprobs(policy, rollout, indices, ctx, old)
-            if old is None:  # no optimizer step yet: this pass is π_old of its rows
-                old = complete_old_policy(batch.old, OldPolicy(indices, logp.detach(), routes), num_seqs)
-                mismatch = logp_mismatch(old.logp, rollout.logp, rollout.response_mask)  # every row
-            elif not mismatch:  # the trainer's π_old on this mini-batch against the sampler's
-                mismatch = logp_mismatch(logp.detach(), rollout.logp[indices], rollout.response_mask[indices])
-            loss, metrics = minibatch_loss(logp, old, batch, indices, ctx)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.max_grad_norm)
-            finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
-            if finite:
-                optimizer.step()
-            else:  # one NaN must not poison the weights, Adam's moments or the step's averages
-                optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-            scheduler.step()
-            if not finite:
-                continue
-            routing = minibatch_routing_metrics(rollout, indices, routes, old)
-            for name, value in {"loss": loss.detach(), "grad_norm": grad_norm, **metrics, **routing}.items():
-                sums[name] = sums.get(name, 0.0) + float(value)
-    applied = tc.num_minibatches * tc.ppo_epochs - skipped
-    means = {name: total / applied for name, total in sums.items()} if applied else {
-        "loss": float("nan"), "grad_norm": float("nan")}
-    return {**means, "faults/skipped_steps": float(skipped), **{k: v.item() for k, v in mismatch.items()}}
 
 
 def rollout_metrics(batch: Batch) -> dict[str, float]:
