@@ -78,7 +78,8 @@ class ModelConfig:
     build: Optional[TinyModelSpec] = None
     """Build a small random Qwen3(-MoE) with the project's own tokenizer instead of loading."""
     dtype: str = "float32"
-    """Parameter dtype when loading: float32, bfloat16 or float16."""
+    """Dtype of the parameters and of AdamW's state: float32 (master weights; compute in bf16
+    with `hardware.precision=bf16`), or bfloat16/float16 for pure low-precision training."""
     trust_remote_code: bool = False
     """Passed to `from_pretrained` for checkpoints that ship their own modelling code."""
     experts_implementation: str = "auto"
@@ -89,6 +90,9 @@ class ModelConfig:
     """Run float32 RMSNorms (Qwen, Llama, Mistral) as one autograd node (`gspo_cli/models/kernels/rms_norm.py`):
     the same outputs bit for bit, gradients equal up to rounding, about half the time on CPU.
     null: on for CPU runs, off elsewhere (docs/cpu-tuning.md)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass (transformers' own
+    gradient checkpointing, non-reentrant): activation memory of one layer instead of all."""
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     """Supervised warm start before RL (the local stand-in for a pretrained base)."""
 
@@ -100,7 +104,7 @@ class TaskConfig:
     name: str = "arithmetic"
     """Task family; `arithmetic` is generated in memory, every other task reads `path`."""
     reward: Any = "exact_match"
-    """A name in `gspo_cli.rewards.REWARDS`, `{_target_: pkg.mod.fn}` for your own function,
+    """A name in `gspo_cli.data.rewards.REWARDS`, `{_target_: pkg.mod.fn}` for your own function,
     or `{name: weight, ...}` to sum several (README, "Tasks and rewards")."""
     max_operand: int = 99
     """Arithmetic: operands are drawn from [0, max_operand]."""
@@ -160,9 +164,14 @@ class AlgoConfig:
     """Estimator of that KL: k1, k2 or k3."""
     old_logp: str = "auto"
     """π_old from a forward pass of the rollout policy (recompute), from the sampler (rollout),
-    or auto: the sampler's numbers when they are the trainer's own (fp32, no tis_cap), else recompute."""
+    or auto: the sampler's numbers when they are the trainer's own (fp32, no correction), else recompute."""
+    rollout_correction: str = "none"
+    """Importance correction for the sampler/trainer gap (needs π_old recomputed): none, tis-token,
+    tis-seq (truncated: min(ρ, cap)) or mis-token, mis-seq (masked: ρ where ρ ≤ cap, else 0)."""
+    rollout_correction_cap: float = 2.0
+    """C of `rollout_correction`."""
     tis_cap: Optional[float] = None
-    """Truncated importance-sampling correction for the sampler/trainer gap (recompute only); unset: off."""
+    """Shorthand kept from earlier versions: `tis_cap=C` is rollout_correction=tis-token with cap C."""
     dynamic_sampling: bool = False
     """Drop groups whose rewards are all equal and refill the batch from new prompts (DAPO)."""
     max_refill_rounds: int = 4
@@ -190,6 +199,17 @@ class TrainerConfig:
     ppo_epochs: int = 1
     """Passes over the rollout batch, reshuffled after the first (TRL: `num_iterations`, verl:
     `ppo_epochs`); every pass divides by the same π_old. The paper's protocol uses 1."""
+    micro_batch_size: int = 0
+    """Sequences per forward/backward pass inside a mini-batch, gradients accumulated; the loss
+    and gradient equal one pass over the mini-batch. Also the batch of the π_old and reference
+    passes. 0: the whole mini-batch at once."""
+    logprob_chunk_size: int = 512
+    """Response positions whose float32 logits exist at once when log-probabilities are computed
+    (recomputed in the backward pass); 0: the whole response at once."""
+    rollout_batch_size: int = 0
+    """Sequences generated at a time (the KV cache is sized for this many); 0: the whole batch."""
+    eval_batch_size: int = 256
+    """Sequences decoded at a time by the in-loop greedy evaluation."""
     max_new_tokens: int = 8
     """Longest response."""
     temperature: float = 1.0
@@ -223,7 +243,8 @@ class HardwareConfig:
     device: str = "cpu"
     """torch device: cpu or cuda."""
     precision: str = "fp32"
-    """fp32 or bf16 (autocast on GPU)."""
+    """Compute precision: fp32, or bf16 (autocast in one process, FSDP2's mixed precision over
+    float32 shards with several; parameters and optimizer state stay in `model.dtype`)."""
     nproc_per_node: int = 1
     """Processes per node (torchrun)."""
     nnodes: int = 1

@@ -56,3 +56,27 @@ def test_truncated_importance_weights():
     w = truncated_is_weights(train, sampler, cap=2.0)
     assert torch.allclose(w, torch.tensor([[math.exp(0.5), 2.0, math.exp(-1.0)]]))
     assert not w.requires_grad
+
+
+def test_rollout_correction_modes_on_hand_made_ratios():
+    # One sequence of 3 tokens + 1 pad; token ratios ρ = e^0.5 = 1.649, e^1 = 2.718, e^-1 = 0.368
+    # (the pad's log-ratio, 5, must count nowhere). Sequence ratio: e^(0.5 + 1 - 1) = e^0.5 = 1.649.
+    from gspo_cli.algo.rollout_correction import importance_weights
+
+    train, sampler = torch.tensor([[0.5, 1.0, -1.0, 5.0]]), torch.zeros(1, 4)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    e = torch.exp
+    w, m = importance_weights(train, sampler, mask, "tis-token", cap=2.0)  # min(ρ, 2)
+    assert torch.allclose(w[0, :3], torch.stack([e(torch.tensor(0.5)), torch.tensor(2.0), e(torch.tensor(-1.0))]))
+    assert m["correction/truncated_fraction"].item() == pytest.approx(1 / 3)
+    w, m = importance_weights(train, sampler, mask, "mis-token", cap=2.0)  # 2.718 > 2: masked to 0
+    assert torch.allclose(w[0, :3], torch.stack([e(torch.tensor(0.5)), torch.tensor(0.0), e(torch.tensor(-1.0))]))
+    assert m["correction/masked_fraction"].item() == pytest.approx(1 / 3)
+    w, m = importance_weights(train, sampler, mask, "tis-seq", cap=1.5)  # min(1.649, 1.5) on every token
+    assert torch.allclose(w[0, :3], torch.full((3,), 1.5)) and m["correction/truncated_fraction"].item() == 1.0
+    w, m = importance_weights(train, sampler, mask, "mis-seq", cap=2.0)  # 1.649 ≤ 2: kept whole
+    assert torch.allclose(w[0, :3], torch.full((3,), e(torch.tensor(0.5)).item()))
+    assert m["correction/masked_fraction"].item() == 0.0
+    assert importance_weights(train, sampler, mask, "none", cap=2.0) == (None, {})
+    with pytest.raises(ValueError, match="tis-seq"):
+        importance_weights(train, sampler, mask, "tis", cap=2.0)

@@ -64,6 +64,16 @@ def test_advantage_kl_and_tis_options_train(tmp_path, cache_dir, monkeypatch):
     assert_no_gap(records)
 
 
+@pytest.mark.parametrize("mode, fraction", [("tis-seq", "correction/truncated_fraction"),
+                                            ("mis-token", "correction/masked_fraction")])
+def test_rollout_correction_modes_train_and_log_what_they_cut(tmp_path, cache_dir, monkeypatch, mode, fraction):
+    records, _ = run(tmp_path, cache_dir, "gspo", [f"algo.rollout_correction={mode}", "algo.old_logp=recompute"],
+                     monkeypatch=monkeypatch)
+    assert_finite(records, STEP_METRICS + ["loss", "correction/weight_mean", fraction])
+    # float32 on CPU: the sampler and the trainer agree to ~1e-7, so nothing is cut and the weights are ~1.
+    assert all(r[fraction] == 0.0 and r["correction/weight_mean"] == pytest.approx(1.0, abs=1e-4) for r in records)
+
+
 def test_rollout_log_probs_as_pi_old(tmp_path, cache_dir, monkeypatch):
     records, loads = run(tmp_path, cache_dir, "gspo", ["algo.old_logp=rollout"], monkeypatch=monkeypatch)
     assert loads == 1  # kl_coef = 0: no reference model

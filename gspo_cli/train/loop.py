@@ -7,6 +7,7 @@ itself is `loop_steps`; what each step does is in `steps.py`.
 from __future__ import annotations
 
 import random
+import resource
 import signal
 import time
 import warnings
@@ -22,6 +23,7 @@ from gspo_cli.algo.advantages import BASELINES, SCALES
 from gspo_cli.algo.aggregation import AGGREGATIONS, aggregation_warning
 from gspo_cli.algo.kl import KL_ESTIMATORS
 from gspo_cli.algo.losses import LOSSES
+from gspo_cli.algo.rollout_correction import CORRECTIONS
 from gspo_cli.config import TrainConfig
 from gspo_cli.data.tasks import PromptStream, Task, build_task
 from gspo_cli.models.loading import load_model, load_tokenizer
@@ -47,9 +49,10 @@ from gspo_cli.train.steps import (
     collect_rollout,
     mean_over_ranks,
     old_logp_source,
+    rollout_correction,
     rollout_metrics,
-    update_policy,
 )
+from gspo_cli.train.update import update_policy
 from gspo_cli.train.warmstart import warm_started_dir
 
 
@@ -77,13 +80,14 @@ def check_config(cfg: TrainConfig, env: DistEnv) -> None:
     """Fail before any work on options that name none of their choices or do not fit together."""
     algo, tc = cfg.algo, cfg.trainer
     choices = {"loss": list(LOSSES), "loss_agg": AGGREGATIONS, "adv_baseline": BASELINES, "adv_scale": SCALES,
-               "kl_estimator": KL_ESTIMATORS, "old_logp": ("auto", "recompute", "rollout")}
+               "kl_estimator": KL_ESTIMATORS, "old_logp": ("auto", "recompute", "rollout"),
+               "rollout_correction": CORRECTIONS}
     for key, valid in choices.items():
         if getattr(algo, key) not in valid:
             raise ValueError(f"algo.{key}={getattr(algo, key)!r} is not one of {sorted(valid)}")
-    if algo.tis_cap is not None and old_logp_source(cfg) != "recompute":
-        raise ValueError("algo.tis_cap corrects π_old recomputed by the trainer for the sampler's "
-                         "numbers: it needs algo.old_logp=recompute")
+    if rollout_correction(cfg)[0] != "none" and old_logp_source(cfg) != "recompute":
+        raise ValueError("algo.rollout_correction (or algo.tis_cap) corrects π_old recomputed by the trainer "
+                         "for the sampler's numbers: it needs algo.old_logp=recompute")
     if tc.ppo_epochs < 1:
         raise ValueError(f"trainer.ppo_epochs={tc.ppo_epochs}: at least one pass over the rollout batch")
     if tc.prompts_per_step % env.world_size:
@@ -98,6 +102,17 @@ def check_config(cfg: TrainConfig, env: DistEnv) -> None:
         raise ValueError(f"hardware.strategy={cfg.hardware.strategy!r} is not one of ['ddp', 'fsdp']")
     if algo.dynamic_sampling and env.distributed:
         raise ValueError("algo.dynamic_sampling refills batches per rank; it runs in one process only for now")
+
+
+def config_pitfalls(cfg: TrainConfig) -> list[str]:
+    """Settings that run but are likely not what the user wants, as one warning each."""
+    pitfalls = [aggregation_warning(cfg.algo.loss, cfg.algo.loss_agg)]
+    if cfg.model.dtype != "float32":
+        pitfalls.append(
+            f"model.dtype={cfg.model.dtype}: AdamW updates {cfg.model.dtype} weights with no float32 master "
+            "copy, so small updates round away (GSPO's clip range, 4e-4, is below bfloat16's resolution of "
+            "~4e-3). For fp32 master weights with bf16 compute: model.dtype=float32 hardware.precision=bf16.")
+    return [p for p in pitfalls if p]
 
 
 def resume_point(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:
@@ -143,7 +158,7 @@ def setup(cfg: TrainConfig, run_dir: Path, env: DistEnv, log) -> tuple[Any, Any,
     start_path = resolve_model_path(cfg, task, log)
     model_path = str(resume_from / "model") if resume_from and not sharded else start_path
     policy = load_model(model_path, cfg.model.dtype, env.device, cfg.model.trust_remote_code,
-                        cfg.model.experts_implementation, cfg.model.fused_rms_norm)
+                        cfg.model.experts_implementation, cfg.model.fused_rms_norm, cfg.model.gradient_checkpointing)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     task = task.for_tokenizer(tokenizer)  # the chat template, when task.chat_template is set
     policy = wrap_model(policy, cfg.hardware.strategy, env, cfg.hardware.precision)
@@ -185,6 +200,14 @@ def make_context(cfg: TrainConfig, policy, tokenizer, task: Task, env: DistEnv, 
     return StepContext(cfg, task, tokenizer, env, state.generator, routing, ref_model, state.sampling_generator)
 
 
+def peak_memory(device: str) -> dict[str, float]:
+    """Peak resident host memory of this process and, on a GPU, peak allocated GPU memory (GiB)."""
+    peak = {"memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux: KiB
+    if device.startswith("cuda"):
+        peak["memory/peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return peak
+
+
 def install_stop_signals() -> dict[str, bool]:
     """SIGTERM/SIGINT ask the loop to save and stop after the current step; a second SIGINT aborts."""
     flag = {"stop": False}
@@ -209,8 +232,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     env = init_distributed(cfg.hardware.device)
     try:
         check_config(cfg, env)
-        pitfall = aggregation_warning(cfg.algo.loss, cfg.algo.loss_agg)
-        if pitfall:
+        pitfalls = config_pitfalls(cfg)
+        for pitfall in pitfalls:
             warnings.warn(pitfall, stacklevel=2)
         resumed = resume_point(cfg, run_dir)
         saved = load_trainer_state(resumed) if resumed else {}  # to continue the same W&B run and log
@@ -218,7 +241,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         plain_cfg = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
         with RunLogger(run_dir, cfg.logger, plain_cfg, run_name, total_steps=cfg.trainer.max_steps,
                        enabled=env.is_main, resume_id=saved.get("wandb_id"), start_step=saved.get("step", 0)) as logger:
-            if pitfall:
+            for pitfall in pitfalls:
                 logger.print(f"warning: {pitfall}")
             policy, tokenizer, task, state = setup(cfg, run_dir, env, logger.print)
             ctx = make_context(cfg, policy, tokenizer, task, env, state)
@@ -261,7 +284,7 @@ def loop_steps(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, state:
         eval_metrics = {}
         if step % tc.eval_every == 0 or step == tc.max_steps:
             eval_metrics, samples = greedy_eval(unwrap(policy), ctx.tokenizer, ctx.task, ctx.task.eval,
-                                                tc.max_new_tokens)
+                                                tc.max_new_tokens, tc.eval_batch_size)
             logger.log_samples(step, samples[:tc.eval_samples_logged])
         if step == tc.max_steps:  # the last record holds only the final evaluation
             record = {**record, **eval_metrics}
@@ -282,6 +305,7 @@ def loop_steps(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, state:
             "throughput/tokens_per_s": batch.rollout.response_mask.sum().item() / timings["time/step_s"],
         }, env)
         record["throughput/tokens_per_s"] *= env.world_size  # tokens of all ranks
+        record.update(peak_memory(env.device))
         record.update(eval_metrics)
         logger.log(record, step)
 
