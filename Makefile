@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-all bench clean
+.PHONY: help install train test test-all bench gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ $(VENV)/.installed-bench: $(STAMP)
 
 bench: $(VENV)/.installed-bench  ## throughput vs TRL, ~7 min on 2 idle cores (options: make bench ARGS='--pairs 3')
 	$(BIN)/python -m bench.run $(ARGS)
+
+gpu-check: $(STAMP)  ## one GPU: Qwen3-0.6B's shape, 1,024-token responses, bf16 over fp32 masters (3-5 min; needs a CUDA torch: TORCH_SPEC/PIP_EXTRA)
+	$(BIN)/python -m bench.gpu_check $(ARGS)
 
 clean:  ## remove the virtual environment and caches (not outputs/)
 	rm -rf $(VENV) .pytest_cache
