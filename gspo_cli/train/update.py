@@ -8,6 +8,7 @@ optimizer step each, micro-batches whose gradients accumulate into that step.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Optional
 
 import torch
@@ -112,16 +113,16 @@ def update_policy(policy, optimizer, scheduler, batch: Batch, ctx: StepContext) 
             for j, rows in enumerate(micros):
                 logp, routes = minibatch_logprobs(policy, rollout, rows, ctx, old)
                 # Before the first optimizer step this pass is π_old of its rows (when not known yet).
-                own = OldPolicy(rows, logp.detach(), routes)
-                mine = own if old is None else OldPolicy(rows, old.logp[rows],
-                                                         None if old.routes is None else [r[rows] for r in old.routes])
+                this_pass = OldPolicy(rows, logp.detach(), routes)
+                old_rows = this_pass if old is None else OldPolicy(
+                    rows, old.logp[rows], None if old.routes is None else [r[rows] for r in old.routes])
                 if not mismatch:
-                    parts.append(own)
-                loss, metrics = minibatch_loss(logp, mine.logp, batch, rows, ctx, counts)
+                    parts.append(this_pass)
+                loss, metrics = minibatch_loss(logp, old_rows.logp, batch, rows, ctx, counts)
                 with gradient_sync(policy, enabled=j == len(micros) - 1):  # all-reduce once per mini-batch
                     loss.backward()
                 share = rollout.response_mask[rows].sum().item() / max(mask.sum().item(), 1.0)
-                metrics.update(minibatch_routing_metrics(rollout, rows, routes, mine.routes))
+                metrics.update(minibatch_routing_metrics(rollout, rows, routes, old_rows.routes))
                 step_metrics["loss"] = step_metrics.get("loss", 0.0) + loss.item()  # normalised by the mini-batch
                 for name, value in metrics.items():
                     step_metrics[name] = step_metrics.get(name, 0.0) + share * float(value)
@@ -133,7 +134,7 @@ def update_policy(policy, optimizer, scheduler, batch: Batch, ctx: StepContext) 
                 mismatch = logp_mismatch(torch.cat([part.logp for part in parts]), rollout.logp[rows],
                                          rollout.response_mask[rows])
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.max_grad_norm)
-            finite = bool(torch.isfinite(torch.tensor(step_metrics["loss"])) and torch.isfinite(grad_norm))
+            finite = math.isfinite(step_metrics["loss"]) and bool(torch.isfinite(grad_norm))
             if finite:
                 optimizer.step()
             else:  # one NaN must not poison the weights, Adam's moments or the step's averages
