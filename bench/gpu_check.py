@@ -38,7 +38,7 @@ def overrides(length: int, steps: int, cache_dir: str, model: str = "bench-qwen3
     return [f"model={model}", f"hardware={hardware}", "logger=none", f"cache_dir={cache_dir}",
             f"trainer.max_new_tokens={length}", f"model.build.max_position_embeddings={length + 64}",
             "trainer.prompts_per_step=8", "trainer.group_size=8", "trainer.num_minibatches=4",
-            "trainer.micro_batch_size=8", "trainer.rollout_batch_size=64", "trainer.logprob_chunk_size=512",
+            "trainer.micro_batch_size=8", "trainer.rollout_batch_size=64", "trainer.logprob_chunk_tokens=4096",
             "trainer.eval_batch_size=8", "task.num_eval=8", f"trainer.max_steps={steps}",
             f"trainer.eval_every={steps}", "trainer.save_final=false", "algo=gspo", "trainer.lr=1e-6"]
 

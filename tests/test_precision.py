@@ -24,8 +24,8 @@ def test_logprobs_come_from_float32_logits_under_bf16_autocast(tiny_model):
     normed = []
     hook = model.model.norm.register_forward_hook(lambda module, args, out: normed.append(out))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        chunked = response_logprobs(model, rollout.input_ids, rollout.attention_mask, T, 1.0, chunk_size=4)
-        bf16_logits = response_logprobs(model, rollout.input_ids, rollout.attention_mask, T, 1.0, chunk_size=0)
+        chunked = response_logprobs(model, rollout.input_ids, rollout.attention_mask, T, 1.0, chunk_tokens=12)
+        bf16_logits = response_logprobs(model, rollout.input_ids, rollout.attention_mask, T, 1.0, chunk_tokens=0)
     hook.remove()
     hidden = normed[0][:, -T - 1:-1].float()
     weight = model.get_output_embeddings().weight.float()

@@ -88,7 +88,7 @@ def test_micro_batches_give_the_loss_and_gradient_of_one_pass(tmp_path, cache_di
 
 
 def test_chunked_logprobs_equal_the_full_computation_without_full_logits(tiny_model):
-    """chunk_size=3 over 8 response positions: the same log-probabilities and gradients as
+    """chunk_tokens=9 over 3 rows × 8 response positions (3 positions per chunk): the same log-probabilities and gradients as
     the [n, T, V] path, and no [n, T, V] tensor is kept for the backward pass."""
     from gspo_cli.rollout.generate import generate_rollout
 
@@ -96,16 +96,16 @@ def test_chunked_logprobs_equal_the_full_computation_without_full_logits(tiny_mo
     rollout = generate_rollout(model, tokenizer, ["1+2=", "7+7=", "40+59="], 8, 1.0, torch.Generator().manual_seed(0))
     T, V = rollout.response_mask.shape[1], model.config.vocab_size
 
-    def logprobs_grads_and_saved(chunk_size):
+    def logprobs_grads_and_saved(chunk_tokens):
         model.zero_grad()
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-            logp = response_logprobs(model, rollout.input_ids, rollout.attention_mask, T, 0.7, chunk_size)
+            logp = response_logprobs(model, rollout.input_ids, rollout.attention_mask, T, 0.7, chunk_tokens)
         (logp * rollout.response_mask).sum().backward()
         return logp.detach(), [p.grad.clone() for p in model.parameters()], saved
 
     full, full_grads, full_saved = logprobs_grads_and_saved(0)
-    chunked, chunked_grads, chunked_saved = logprobs_grads_and_saved(3)
+    chunked, chunked_grads, chunked_saved = logprobs_grads_and_saved(9)
     assert T == 8 and torch.allclose(chunked, full, atol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(chunked_grads, full_grads))
     # Tensors over the vocabulary kept for the backward pass: the full path keeps [n, T, V]

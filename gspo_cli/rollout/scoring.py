@@ -23,13 +23,13 @@ def response_logprobs(
     attention_mask: torch.Tensor,
     num_response_tokens: int,
     temperature: float = 1.0,
-    chunk_size: int = 0,
+    chunk_tokens: int = 0,
 ) -> torch.Tensor:
     """Log-probabilities of the response tokens under `model` (with gradient if enabled).
 
     Only the last T + 1 positions reach the output projection (`logits_to_keep`). With
-    `chunk_size` > 0 and the log-probability head installed (`models.logprob_head`, done by
-    `load_model`), the logits exist for `chunk_size` positions at a time, in float32, and are
+    `chunk_tokens` > 0 and the log-probability head installed (`models.logprob_head`, done by
+    `load_model`), the float32 logits of at most `chunk_tokens` tokens exist at a time and are
     recomputed in the backward pass; otherwise the full `[N, T, V]` logits are computed. The
     entropy of π_old is not computed here: the sampler reports it (`Rollout.entropy`).
 
@@ -37,7 +37,7 @@ def response_logprobs(
         input_ids, attention_mask: [N, P + T].
         num_response_tokens: T.
         temperature: the sampling temperature, so that π matches the sampler.
-        chunk_size: response positions whose logits exist at once (0: all).
+        chunk_tokens: response tokens (rows × positions) whose logits exist at once (0: all).
 
     Returns:
         logp [N, T], float32.
@@ -46,8 +46,8 @@ def response_logprobs(
     forward = dict(input_ids=input_ids, attention_mask=attention_mask,
                    position_ids=positions_from_mask(attention_mask), logits_to_keep=T + 1)
     inner = getattr(model, "module", model)  # a DDP wrapper's model holds the head
-    if chunk_size > 0 and logprob_head.installed(inner):
-        with logprob_head.returning_logprobs(inner, input_ids[:, -T:], temperature, chunk_size):
+    if chunk_tokens > 0 and logprob_head.installed(inner):
+        with logprob_head.returning_logprobs(inner, input_ids[:, -T:], temperature, chunk_tokens):
             return model(**forward).logits  # [N, T]: the head returned log-probabilities
     logits = model(**forward).logits[:, :-1].float()  # [N, T, V]: position t predicts response token t
     if temperature != 1.0:

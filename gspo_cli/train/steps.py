@@ -138,7 +138,7 @@ def old_logprobs(sampler, rollout: Rollout, ctx: StepContext, minibatches: Seque
         capture = ctx.routing.capture() if ctx.routing else contextlib.nullcontext()
         with torch.no_grad(), capture as recorded:
             logps.append(response_logprobs(sampler, rollout.input_ids[micro], rollout.attention_mask[micro], T,
-                                           tc.temperature, tc.logprob_chunk_size))
+                                           tc.temperature, tc.logprob_chunk_tokens))
         if recorded is not None:
             routes.append(routes_by_sequence(list(recorded), len(micro)))  # per layer [n, L, k]
     return OldPolicy(rows, torch.cat(logps), [torch.cat(layer) for layer in zip(*routes)] if routes else None)
@@ -164,7 +164,7 @@ def reference_logprobs(ref_model, rollout: Rollout, ctx: StepContext) -> torch.T
     rows = torch.arange(rollout.input_ids.shape[0], device=rollout.input_ids.device)
     with torch.no_grad():
         return torch.cat([response_logprobs(ref_model, rollout.input_ids[micro], rollout.attention_mask[micro], T,
-                                            tc.temperature, tc.logprob_chunk_size)
+                                            tc.temperature, tc.logprob_chunk_tokens)
                           for micro in micro_batches(rows, tc.micro_batch_size)])
 
 

@@ -58,7 +58,7 @@ def minibatch_logprobs(policy, rollout: Rollout, indices: torch.Tensor, ctx: Ste
     layer [n, L, k]); with `algo.routing_replay` and a known π_old, its experts are forced."""
     tc, T = ctx.cfg.trainer, rollout.response_mask.shape[1]
     forward = lambda: response_logprobs(policy, rollout.input_ids[indices], rollout.attention_mask[indices],  # noqa: E731
-                                        T, tc.temperature, tc.logprob_chunk_size)
+                                        T, tc.temperature, tc.logprob_chunk_tokens)
     if ctx.routing is None:
         return forward(), None
     replay = ctx.routing.replay(route_rows(old.routes, indices)) \
