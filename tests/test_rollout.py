@@ -1,4 +1,5 @@
-"""Sampling and scoring agree: π_old recomputed for the update matches the sampler."""
+"""Sampling and scoring agree: π_old recomputed for the update matches the sampler; responses stop at
+their EOS, also when the pad token is the EOS."""
 
 import torch
 from test_perf import common_token

@@ -1,4 +1,5 @@
-"""The named steps of one RL step (`gspo_cli/train/steps.py`): π_old is one value, read by every update."""
+"""The named steps of one RL step (`gspo_cli/train/steps.py`): π_old is one value, read by every update,
+and an update moves each response's log-probability with its own advantage."""
 
 import copy
 
