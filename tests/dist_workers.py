@@ -25,7 +25,8 @@ def batch_rows(data: dict, rows: slice) -> Batch:
                  order=torch.arange(num_seqs), old=OldPolicy(torch.arange(num_seqs), data["old_logp"][rows]))
 
 
-def one_update(model_dir: str, data: dict, strategy: str, loss: str = "gspo") -> tuple[float, dict]:
+def one_update(model_dir: str, data: dict, strategy: str, loss: str = "gspo",
+               loss_agg: str = "seq-mean-token-mean") -> tuple[float, dict]:
     """One optimizer step (one mini-batch, SGD lr 1) on this rank's contiguous share of the batch.
 
     Returns the loss averaged over ranks and the full (unsharded) parameters after the step.
@@ -35,7 +36,7 @@ def one_update(model_dir: str, data: dict, strategy: str, loss: str = "gspo") ->
     model = wrap_model(load_model(model_dir), strategy, env)
     cfg = TrainConfig()
     cfg.trainer.num_minibatches = 1
-    cfg.algo.loss = loss
+    cfg.algo.loss, cfg.algo.loss_agg = loss, loss_agg
     per_rank = len(data["rewards"]) // env.world_size
     batch = batch_rows(data, slice(env.rank * per_rank, (env.rank + 1) * per_rank))
     ctx = StepContext(cfg, task=None, tokenizer=None, env=env, generator=torch.Generator().manual_seed(0))
@@ -50,11 +51,11 @@ def one_update(model_dir: str, data: dict, strategy: str, loss: str = "gspo") ->
 
 
 def update_worker(rank: int, world: int, port: int, model_dir: str, batch_file: str, strategy: str,
-                  out_file: str) -> None:
+                  out_file: str, loss: str = "gspo", loss_agg: str = "seq-mean-token-mean") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    loss, params, env = one_update(model_dir, torch.load(batch_file), strategy)
+    loss, params, env = one_update(model_dir, torch.load(batch_file), strategy, loss, loss_agg)
     if rank == 0:
         torch.save({"loss": loss, "params": params}, out_file)
     shutdown(env)

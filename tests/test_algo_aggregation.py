@@ -65,3 +65,13 @@ def test_without_global_counts_token_mean_shards_disagree():
     assert aggregate(values, mask, "token-mean").item() == pytest.approx(0.4)
     naive = (aggregate(values[:3], mask[:3], "token-mean") + aggregate(values[3:], mask[3:], "token-mean")) / 2
     assert naive.item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("mode", AGGREGATIONS)
+def test_a_nan_at_a_padding_position_stays_out_of_the_loss(mode):
+    # Per-token losses computed from whatever lies at padding (here NaN, inf) must not reach
+    # the result: masked values are selected away, not multiplied by 0 (NaN · 0 = NaN).
+    values = torch.tensor([[1.0, 2.0, float("nan")], [3.0, 4.0, 5.0], [6.0, float("inf"), -float("inf")]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    clean = torch.where(mask.bool(), values, 0.0)
+    torch.testing.assert_close(aggregate(values, mask, mode), aggregate(clean, mask, mode), rtol=0, atol=0)

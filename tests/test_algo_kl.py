@@ -44,6 +44,12 @@ def test_mismatch_metrics():
     m = logp_mismatch(train, sampler, mask)
     assert m["mismatch/logp_abs_diff"].item() == pytest.approx(0.22, rel=1e-5)
     assert m["mismatch/seq_ratio_max"].item() == pytest.approx(math.exp(0.3), rel=1e-5)
+    # A sampler's -inf (or NaN) at the padding position changes neither figure.
+    for bad in (-float("inf"), float("nan")):
+        padded = sampler.clone()
+        padded[0, 2] = bad
+        assert {k: v.item() for k, v in logp_mismatch(train, padded, mask).items()} == \
+            {k: v.item() for k, v in m.items()}
     # No gap: 0 and exactly 1.
     m = logp_mismatch(sampler, sampler, mask)
     assert (m["mismatch/logp_abs_diff"].item(), m["mismatch/seq_ratio_max"].item()) == (0.0, 1.0)

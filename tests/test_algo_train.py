@@ -4,11 +4,13 @@ import json
 import math
 
 import pytest
+import torch
 from conftest import compose_train
 from test_train import STEP_METRICS, small_overrides
 
 import gspo_cli.train.loop as train_module
 import gspo_cli.train.steps as steps
+from gspo_cli.algo.losses import LOSSES
 from gspo_cli.train.loop import train
 from gspo_cli.train.steps import old_logp_source
 
@@ -52,6 +54,52 @@ def test_each_algo_trains_with_finite_metrics(algo, tmp_path, cache_dir):
              "sapo": ["gate/weight_mean"], "gmpo": ["ratio/seq_mean"]}.get(algo, [])
     assert_finite(records, STEP_METRICS + ["loss", "eval/accuracy"] + extra)
     assert_no_gap(records)  # measured on every batch
+
+
+def dr_grpo_by_hand(logp, old_logp, advantages, mask, num_seqs, horizon):
+    # Dr. GRPO (conf/algo/dr-grpo.yaml): PPO's token surrogate, clip 0.2 / 0.27, token losses
+    # summed and divided by num_seqs · max response length.
+    ratio = torch.exp(logp - old_logp)
+    a = advantages[:, None]
+    per_token = -torch.minimum(ratio * a, ratio.clamp(1 - 0.2, 1 + 0.27) * a)
+    return per_token[mask.bool()].sum() / (num_seqs * horizon)
+
+
+def cispo_by_hand(logp, old_logp, advantages, mask, num_seqs, horizon):
+    # CISPO (conf/algo/cispo.yaml): −min(r, 1.28) · A · log π per token (no lower bound),
+    # averaged over the tokens of the batch.
+    weight = torch.exp(logp - old_logp).clamp(max=1 + 0.28)
+    per_token = -weight * advantages[:, None] * logp
+    return per_token[mask.bool()].sum() / mask.sum()
+
+
+@pytest.mark.parametrize("algo, by_hand, kept", [
+    ("dr-grpo", dr_grpo_by_hand, (1 - 0.2, 1 + 0.27)),  # the ratio range the formula leaves unclipped
+    ("cispo", cispo_by_hand, (0.0, 1 + 0.28)),
+])
+def test_algo_runs_its_own_loss_clip_range_and_aggregation(algo, by_hand, kept, tmp_path, cache_dir, monkeypatch):
+    """Every mini-batch loss of a 2-step run equals the algorithm's formula worked out here,
+    with its own clip range and normalisation, on the very inputs the trainer passed."""
+    calls, registered = [], LOSSES[algo]
+
+    def spy(logp, old_logp, advantages, mask, **kwargs):
+        loss, metrics = registered(logp, old_logp, advantages, mask, **kwargs)
+        calls.append((logp.detach(), old_logp, advantages, mask, kwargs, loss.detach()))
+        return loss, metrics
+
+    monkeypatch.setitem(LOSSES, algo, spy)
+    # Three passes at a higher rate take the policy far enough from π_old that some ratios of
+    # responses with A ≠ 0 leave the clip range (checked below).
+    run(tmp_path, cache_dir, algo, ["trainer.ppo_epochs=3", "trainer.lr=3e-2"])
+    assert len(calls) == 2 * 3 * 4  # 2 steps × 3 epochs × 4 mini-batches
+    outside = 0
+    for logp, old_logp, advantages, mask, kwargs, loss in calls:
+        expected = by_hand(logp, old_logp, advantages, mask, kwargs["num_seqs"], kwargs["horizon"])
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-8)
+        ratio = torch.exp(logp - old_logp)
+        counted = mask.bool() & (advantages != 0)[:, None]  # tokens whose ratio reaches the loss
+        outside += int((counted & ((ratio < kept[0]) | (ratio > kept[1]))).sum())
+    assert outside > 0  # some ratios left the clip range: the range shaped the values compared
 
 
 def test_advantage_kl_and_tis_options_train(tmp_path, cache_dir, monkeypatch):

@@ -1,4 +1,5 @@
-"""Data parallelism on two gloo processes equals one process (DDP and FSDP2), and DCP checkpoints reshard."""
+"""Data parallelism on two gloo processes equals one process (DDP and FSDP2; per-sequence and
+per-token normalisation over shards of unequal token counts), and DCP checkpoints reshard."""
 
 import socket
 
@@ -32,36 +33,61 @@ def global_batch(tmp_path_factory, tiny_model_dir):
         logp = response_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.response_mask.shape[1])
     rewards = torch.randint(0, 2, (32,), generator=torch.Generator().manual_seed(1)).float()
     noise = 1e-3 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(2))
-    data = dict(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-                response_mask=rollout.response_mask, old_logp=logp + noise, entropy=rollout.entropy, rewards=rewards,
+    # Responses of 1 to 4 tokens in the first half (rank 0's shard), 4 in the second: the two
+    # shards hold (at most) 40 and 64 tokens, so a per-token normalisation needs the global count.
+    T = rollout.response_mask.shape[1]
+    lengths = torch.tensor([1, 2, 3, 4] * 4 + [T] * 16)
+    response_mask = (torch.arange(T)[None] < lengths[:, None]).float() * rollout.response_mask
+    assert response_mask[:16].sum() < response_mask[16:].sum()
+    attention_mask = rollout.attention_mask.clone()
+    attention_mask[:, -T:] = response_mask.long()
+    data = dict(input_ids=rollout.input_ids, attention_mask=attention_mask,
+                response_mask=response_mask, old_logp=logp + noise, entropy=rollout.entropy, rewards=rewards,
                 advantages=compute_advantages(rewards, 4))
     path = tmp_path_factory.mktemp("batch") / "batch.pt"
     torch.save(data, path)
     return path
 
 
-def two_processes(tmp_path, tiny_model_dir, global_batch, strategy):
+def two_processes(tmp_path, tiny_model_dir, global_batch, strategy, loss, loss_agg):
     out = tmp_path / f"{strategy}.pt"
-    mp.spawn(update_worker, args=(2, free_port(), str(tiny_model_dir), str(global_batch), strategy, str(out)),
-             nprocs=2, join=True)
+    mp.spawn(update_worker, args=(2, free_port(), str(tiny_model_dir), str(global_batch), strategy, str(out), loss,
+                                  loss_agg), nprocs=2, join=True)
     return torch.load(out)
 
 
 @pytest.fixture(scope="module")
 def single(tiny_model_dir, global_batch):
-    loss, params, _ = one_update(str(tiny_model_dir), torch.load(global_batch), "ddp")
-    return loss, params
+    """The one-process update of the whole batch, per (loss, aggregation)."""
+    results = {}
+
+    def update(loss, loss_agg):
+        if (loss, loss_agg) not in results:
+            loss_value, params, _ = one_update(str(tiny_model_dir), torch.load(global_batch), "ddp", loss, loss_agg)
+            results[loss, loss_agg] = loss_value, params
+        return results[loss, loss_agg]
+
+    return update
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_give_the_single_process_update(strategy, tmp_path, tiny_model_dir, global_batch, single):
-    loss, params = single
-    result = two_processes(tmp_path, tiny_model_dir, global_batch, strategy)
-    assert result["loss"] == pytest.approx(loss, abs=1e-5)
+@pytest.mark.parametrize("strategy, loss, loss_agg", [
+    ("ddp", "gspo", "seq-mean-token-mean"),
+    ("fsdp", "gspo", "seq-mean-token-mean"),
+    ("ddp", "grpo", "token-mean"),  # DAPO's and CISPO's normalisation: by the tokens of both ranks
+])
+def test_two_processes_give_the_single_process_update(strategy, loss, loss_agg, tmp_path, tiny_model_dir,
+                                                      global_batch, single):
+    loss_value, params = single(loss, loss_agg)
+    result = two_processes(tmp_path, tiny_model_dir, global_batch, strategy, loss, loss_agg)
+    # The loss is a near-cancellation of terms of size |A| · ratio ≈ 1 (advantages sum to 0 within
+    # groups), so its rounding is ~1e-8 in absolute terms, up to 1e-4 of a GSPO loss of ~1e-4.
+    assert result["loss"] == pytest.approx(loss_value, rel=1e-3)
     before = load_model(tiny_model_dir).state_dict()
-    assert any(not torch.equal(before[k], params[k]) for k in params)  # the step did move the weights
     for name, value in params.items():
-        assert torch.allclose(result["params"][name], value, atol=1e-5), name
+        step, two_step = value - before[name], result["params"][name] - before[name]
+        assert step.abs().max() > 0, name  # every tensor moved (the routers and norms too) ...
+        # ... and by the same step on two processes, to float rounding (~1e-6 of the step)
+        assert (two_step - step).norm() <= 1e-4 * step.norm(), name
 
 
 def test_sharded_checkpoint_from_two_processes_loads_in_one(tmp_path, tiny_model_dir):

@@ -90,10 +90,11 @@ def test_other_implementations_can_be_chosen(tiny_model_dir, name):
     assert load_model(tiny_model_dir, experts_implementation=name).config._experts_implementation == name
 
 
-def test_sampling_path_is_bitwise_the_training_kernel(tiny_model):
+def test_sampling_path_computes_what_the_training_kernel_computes(tiny_model):
     """Without a graph (sampling) the experts run through `torch._grouped_mm` where torch has
-    it: the same numbers, bit for bit, as the autograd kernel the trainer runs, so π_old taken
-    from the sampler is the trainer's."""
+    it: the numbers of the autograd kernel the trainer runs, so π_old taken from the sampler is
+    the trainer's. Bit for bit on the CPUs measured, but `_grouped_mm` and the per-expert `mm`
+    loop are two kernels, free to block their sums differently: compared to float rounding."""
     model, _ = tiny_model
     module = model.model.layers[0].mlp.experts
     torch.manual_seed(1)
@@ -105,4 +106,5 @@ def test_sampling_path_is_bitwise_the_training_kernel(tiny_model):
     with torch.no_grad():
         sampled = experts.sorted_experts_forward(module, x, top_k_index, top_k_weights)
     assert trained.requires_grad and not sampled.requires_grad
-    assert torch.equal(sampled, trained.detach())
+    # Outputs are ~1e-3 here: an absolute slack in proportion, rounding is ~1e-7 of them.
+    torch.testing.assert_close(sampled, trained.detach(), rtol=1e-6, atol=1e-6 * trained.abs().max().item())

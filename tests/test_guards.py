@@ -36,10 +36,11 @@ def test_non_finite_updates_are_skipped_then_the_run_stops_with_a_checkpoint(tmp
     from test_train import small_overrides
 
     from gspo_cli.algo.losses import LOSSES
+    from gspo_cli.data.tasks import build_task
     from gspo_cli.models.loading import load_model
     from gspo_cli.train.checkpoint import latest_checkpoint
     from gspo_cli.train.guards import TrainingDiverged
-    from gspo_cli.train.loop import train
+    from gspo_cli.train.loop import resolve_model_path, train
 
     real = LOSSES["gspo"]
 
@@ -48,16 +49,22 @@ def test_non_finite_updates_are_skipped_then_the_run_stops_with_a_checkpoint(tmp
         return loss * float("nan"), metrics
 
     monkeypatch.setitem(LOSSES, "gspo", poisoned)
-    cfg = compose_train(small_overrides(cache_dir, steps=5) + ["logger=none", "trainer.max_bad_steps=2"])
+    # Weight decay, so that even an optimizer step with zero gradients would change the weights.
+    cfg = compose_train(small_overrides(cache_dir, steps=5) + ["logger=none", "trainer.max_bad_steps=2",
+                                                               "trainer.weight_decay=0.1"])
     with pytest.raises(TrainingDiverged, match="2 steps in a row"):
         train(cfg, tmp_path)
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["faults/skipped_steps"] for r in records] == [4, 4]  # every mini-batch of both steps
     saved = latest_checkpoint(tmp_path)
     assert saved.name == "step_2"
-    # Nothing was applied: the saved weights are finite and still the starting ones.
-    for value in load_model(saved / "model").state_dict().values():
-        assert torch.isfinite(value).all()
+    # Nothing was applied: the saved weights are the starting ones (the warm-started model),
+    # bit for bit, as no optimizer step ran.
+    start = load_model(resolve_model_path(cfg, build_task(cfg.task), log=print)).state_dict()
+    saved_weights = load_model(saved / "model").state_dict()
+    assert saved_weights.keys() == start.keys()
+    for name, value in saved_weights.items():
+        assert torch.equal(value, start[name]), name
 
 
 def test_one_nan_minibatch_is_skipped_counted_and_training_goes_on(tmp_path, cache_dir, monkeypatch):

@@ -129,6 +129,36 @@ def test_padding_never_matters():
         assert ma["clip/fraction"].item() == pytest.approx(mb["clip/fraction"].item()), name
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("mode", AGGREGATIONS)
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_a_non_finite_value_at_a_padding_position_changes_nothing(name, mode, bad):
+    # Padding positions hold whatever the sampler or the forward pass left there (an engine's
+    # -inf, a NaN): loss, gradient and metrics must be those of a clean batch. Multiplying by
+    # the mask would not do: NaN · 0 = NaN, and exp(inf) · 0 = NaN.
+    old, mask, advantages = _batch()
+    base = old + 0.1 * torch.randn(old.shape, generator=torch.Generator().manual_seed(1))
+    weights = torch.full_like(mask, 1.5)
+    padding = mask == 0
+    results = []
+    for poison in (False, True):
+        logp, old_logp, is_weights = base.clone(), old.clone(), weights.clone()
+        if poison:
+            for tensor in (logp, old_logp, is_weights):
+                tensor[padding] = bad
+        logp.requires_grad_(True)
+        loss, metrics = LOSSES[name](logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2,
+                                     loss_agg=mode, is_weights=is_weights, horizon=8)
+        loss.backward()
+        results.append((loss.detach(), logp.grad, metrics))
+    (clean, clean_grad, clean_metrics), (poisoned, grad, metrics) = results
+    assert torch.isfinite(poisoned) and torch.isfinite(grad).all(), (name, mode)
+    torch.testing.assert_close(poisoned, clean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, clean_grad, rtol=1e-6, atol=1e-7)
+    for key, value in clean_metrics.items():
+        torch.testing.assert_close(metrics[key], value, rtol=1e-6, atol=1e-7, msg=key)
+
+
 def test_registry_shares_one_signature():
     assert set(LOSSES) >= {"gspo", "gspo-token", "grpo", "dr-grpo", "dapo", "cispo", "sapo", "gmpo"}
     for name, loss_fn in LOSSES.items():

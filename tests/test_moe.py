@@ -180,7 +180,9 @@ def test_unchanged_parameters_change_no_route_and_replay_gives_ratio_one(moe_and
         logp = response_logprobs(model, ids, mask, 3)
     second = routes_by_sequence(list(second), ids.shape[0])
     assert routing_metrics(second, first, mask.float())["routing/changed_fraction"] == 0.0
-    assert torch.equal(torch.exp(logp - old_logp), torch.ones_like(logp))  # ratio exactly 1
+    # Ratio 1 to float rounding: under replay the expert weights come from the hook's softmax and
+    # gather, not the router's own top-k, the same numbers by a different path.
+    torch.testing.assert_close(torch.exp(logp - old_logp), torch.ones_like(logp), rtol=0, atol=1e-6)
 
 
 def test_after_a_large_update_routes_change(moe_and_batch):

@@ -138,6 +138,30 @@ def test_report_lists_planned_jobs_that_never_started(tmp_path):
     assert "not started: job 2 (algo=grpo seed=0)" in out.getvalue()
 
 
+def test_report_of_a_sweep_with_a_failed_job_names_it_with_its_error(tmp_path):
+    sweep = tmp_path / "sweep"
+    make_interrupted_sweep(sweep)
+    # Job 3 did not just stop: it failed after logging step 1, and said why in job.json.
+    (sweep / "3" / "job.json").write_text(json.dumps(
+        {"status": "failed", "error": "RuntimeError: out of memory", "wall_time_s": 5.0}))
+    out = io.StringIO()
+    summaries = build_report(sweep, target=0.65, console=Console(file=out, width=200))
+
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [(r["job"], r["status"]) for r in rows] == [
+        ("0", "finished"), ("1", "finished"), ("2", "finished"), ("3", "failed")]
+    assert (rows[3]["error"], rows[3]["wall_time_s"], rows[3]["last_step"]) == ("RuntimeError: out of memory", "5", "1")
+    assert rows[3]["final_accuracy"] == ""
+    text = out.getvalue()
+    assert "failed: job 3 (algo=grpo seed=1): RuntimeError: out of memory" in text
+    assert "not finished" not in text  # failed, not merely incomplete
+    # The failed run stays out of the per-algorithm figures: grpo counts its one finished run.
+    assert [s.job for s in summaries if s.status == "finished"] == ["0", "1", "2"]
+    assert "0.600 (0.600–0.600)" in text  # grpo's final and best accuracy: job 2's alone
+    for png in ("accuracy_reward.png", "clip_fraction.png"):
+        assert (sweep / png).read_bytes()[:8] == PNG
+
+
 def test_failed_job_is_recorded_with_its_error(tmp_path):
     with pytest.raises(RuntimeError):
         with record_job(tmp_path):

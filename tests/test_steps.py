@@ -1,4 +1,5 @@
-"""The named steps of one RL step (`gspo_cli/train/steps.py`): π_old is one value, read by every update."""
+"""The named steps of one RL step (`gspo_cli/train/steps.py`): π_old is one value, read by every update,
+and an update moves each response's log-probability with its own advantage."""
 
 import copy
 
@@ -9,6 +10,7 @@ from test_train import small_overrides
 
 import gspo_cli.train.steps as steps
 import gspo_cli.train.update as update
+from gspo_cli.rollout.generate import generate_rollout
 from gspo_cli.rollout.scoring import response_logprobs
 from gspo_cli.train.distributed import DistEnv
 from gspo_cli.train.loop import make_context, setup
@@ -90,8 +92,6 @@ def test_micro_batches_give_the_loss_and_gradient_of_one_pass(tmp_path, cache_di
 def test_chunked_logprobs_equal_the_full_computation_without_full_logits(tiny_model):
     """chunk_tokens=9 over 3 rows × 8 response positions (3 positions per chunk): the same log-probabilities and gradients as
     the [n, T, V] path, and no [n, T, V] tensor is kept for the backward pass."""
-    from gspo_cli.rollout.generate import generate_rollout
-
     model, tokenizer = tiny_model
     rollout = generate_rollout(model, tokenizer, ["1+2=", "7+7=", "40+59="], 8, 1.0, torch.Generator().manual_seed(0))
     T, V = rollout.response_mask.shape[1], model.config.vocab_size
@@ -112,3 +112,85 @@ def test_chunked_logprobs_equal_the_full_computation_without_full_logits(tiny_mo
     # log-softmax outputs; the chunked one none (each chunk's are recomputed in the backward).
     over_vocab = lambda shapes: [s for s in shapes if s[-1] == V]  # noqa: E731
     assert any(s[1] == T for s in over_vocab(full_saved)) and not over_vocab(chunked_saved)
+
+
+# ---------------------------------------------------------------------------- direction of the update
+
+
+def sequence_logp(model, rollout) -> torch.Tensor:
+    """Mean log-probability of each response's tokens under `model`: [N]."""
+    mask = rollout.response_mask
+    with torch.no_grad():
+        logp = response_logprobs(model, rollout.input_ids, rollout.attention_mask, mask.shape[1])
+    return (logp * mask).sum(1) / mask.sum(1)
+
+
+def sgd_update(policy, batch, ctx, lr):
+    """`update_policy` with plain SGD: the step is lr · (minus the gradient), nothing adaptive."""
+    optimizer = torch.optim.SGD(policy.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    return update.update_policy(policy, optimizer, scheduler, batch, ctx)
+
+
+def assert_moved_with_the_advantages(rise: torch.Tensor, advantages: torch.Tensor) -> None:
+    """Responses with A > 0 gained log-probability relative to those with A < 0.
+
+    For one small step on −Σ_i A_i · logp_i the first-order change is Σ_i A_i Δ_i =
+    lr · ‖Σ_i A_i ∇logp_i‖² ≥ 0 (Δ_i: the rise of response i's log-probability): a flipped
+    sign, or advantages paired with the wrong responses, breaks it.
+    """
+    up, down = rise[advantages > 0], rise[advantages < 0]
+    assert len(up) and len(down)
+    assert up.mean() > down.mean(), (up.tolist(), down.tolist())
+    assert (advantages * rise).sum() > 0
+
+
+@pytest.mark.parametrize("algo", ["gspo", "grpo"])
+def test_one_update_raises_the_responses_with_positive_advantage(algo, tiny_model, cache_dir):
+    """One SGD step of the trainer's own `update_policy` on a fixed on-policy batch (ratio 1,
+    nothing clipped): every other response gets A = +1, the others A = −1."""
+    model, tokenizer = tiny_model
+    prompts = [f"{a}+{a + 1}=" for a in range(4) for _ in range(4)]  # 4 groups of G = 4
+    rollout = generate_rollout(model, tokenizer, prompts, 6, 1.0, torch.Generator().manual_seed(0))
+    T, N = rollout.response_mask.shape[1], len(prompts)
+    with torch.no_grad():
+        old_logp = response_logprobs(model, rollout.input_ids, rollout.attention_mask, T)
+    rollout = rollout._replace(logp=old_logp)  # the sampler's numbers are π_old's (fp32)
+    advantages = torch.tensor([1.0, -1.0] * (N // 2))
+    batch = steps.Batch(rollout, advantages, advantages, rollout.entropy, torch.arange(N),
+                        steps.OldPolicy(torch.arange(N), old_logp))
+    cfg = compose_train(small_overrides(cache_dir, algo) + ["trainer.num_minibatches=1"])
+    ctx = steps.StepContext(cfg, None, tokenizer, DistEnv(), torch.Generator().manual_seed(0))
+    before = sequence_logp(model, rollout)
+
+    metrics = sgd_update(model, batch, ctx, lr=0.1)
+
+    assert metrics["faults/skipped_steps"] == 0 and metrics["clip/fraction"] == 0  # on-policy: no clip
+    rise = sequence_logp(model, rollout) - before
+    assert_moved_with_the_advantages(rise, advantages)
+    assert rise[advantages > 0].mean() > 0 > rise[advantages < 0].mean()  # up, and down, not only apart
+
+
+def test_the_trainer_updates_each_response_with_its_own_reward(tmp_path, cache_dir):
+    """`collect_rollout` then `update_policy`, as the loop runs them: each row's reward is that
+    of its own completion and answer, its advantage that of its own reward, and the update
+    makes the rewarded completions more likely."""
+    from gspo_cli.algo.advantages import compute_advantages
+
+    cfg = compose_train(small_overrides(cache_dir, "grpo") + ["trainer.num_minibatches=1"])
+    policy, tokenizer, task, state = setup(cfg, tmp_path, DistEnv(), print)
+    ctx = make_context(cfg, policy, tokenizer, task, DistEnv(), state)
+    G = cfg.trainer.group_size
+    problems = copy.deepcopy(state.stream).next_batch(cfg.trainer.prompts_per_step)  # the batch's prompts
+    batch, _ = steps.collect_rollout(policy, ctx, state.stream)
+
+    answers = [p.answer for p in problems for _ in range(G)]  # groups are contiguous
+    rewards = torch.tensor([task.reward(c, a) for c, a in zip(batch.rollout.completions, answers)])
+    torch.testing.assert_close(batch.rewards, rewards, rtol=0, atol=0)
+    advantages = compute_advantages(rewards, G, cfg.algo.adv_baseline, cfg.algo.adv_scale)
+    assert (advantages != 0).any()  # some group's rewards differ: there is a direction to check
+    torch.testing.assert_close(batch.advantages, advantages, rtol=1e-6, atol=1e-6)
+
+    before = sequence_logp(policy, batch.rollout)
+    sgd_update(policy, batch, ctx, lr=0.01)
+    assert_moved_with_the_advantages(sequence_logp(policy, batch.rollout) - before, advantages)

@@ -63,3 +63,27 @@ def test_wandb_offline_run_records_the_training_metrics(tmp_path, cache_dir):
     for line in local[:2]:
         for name in ("reward/mean", "clip/fraction", "eval/accuracy"):
             assert history[line["step"]][name] == pytest.approx(line[name])
+
+
+def test_resumed_run_continues_the_same_wandb_run(tmp_path, cache_dir):
+    """A run checkpointed at step 2 and resumed (`resume=auto`) logs to the W&B run it started,
+    not to a new one: both offline logs carry the run id saved in the checkpoint."""
+    from gspo_cli.train.checkpoint import load_trainer_state
+
+    run_dir = tmp_path / "run"
+    train(compose_train(small_overrides(cache_dir, steps=3) + ["trainer.save_every=2"]), run_dir)
+    saved_id = load_trainer_state(run_dir / "checkpoints" / "step_2")["wandb_id"]
+    train(compose_train(small_overrides(cache_dir, steps=4) + ["trainer.save_every=2", "resume=auto"]), run_dir)
+
+    logs = sorted(run_dir.rglob("run-*.wandb"), key=lambda p: p.stat().st_mtime)
+    assert len(logs) == 2  # one offline log per process
+    runs = []
+    for log in logs:
+        records = read_finished_wandb_log(log)
+        runs.append((next(r.run for r in records if r.WhichOneof("record_type") == "run"),
+                     sorted(history_by_step(records))))
+    (first, first_steps), (second, second_steps) = runs
+    assert saved_id and first.run_id == second.run_id == saved_id
+    assert first_steps == [0, 1, 2, 3] and second_steps == [2, 3, 4]  # the second from its checkpoint on
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [0, 1, 2, 3, 4]  # one uninterrupted local log

@@ -52,7 +52,7 @@ def aggregate(
     if values.dim() == 1:
         seq_sum, seq_mean = values * lengths, values  # [B]
     else:
-        seq_sum = (values * mask).sum(1)
+        seq_sum = torch.where(mask.bool(), values, 0.0).sum(1)  # selected, not · mask: NaN · 0 = NaN
         seq_mean = seq_sum / lengths.clamp(min=1.0)
     if mode == "seq-mean-token-mean":
         # .mean() when no global count is given: the same number, bit for bit the slice's loss.

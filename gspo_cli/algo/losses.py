@@ -12,6 +12,8 @@ Shapes: B sequences (responses), T response tokens (right-padded).
     mask       [B, T]  1.0 on response tokens, 0.0 on padding
     is_weights [B, T]  optional detached importance weights (truncated IS for the gap between
                        sampler and trainer); sequence-level losses use their geometric mean
+Values at padding positions are never read: `padding_neutral` replaces them before any
+arithmetic, so a NaN or inf left there cannot reach the loss or its gradient.
 
 Each loss turns its per-token ([B, T]) or per-sequence ([B]) terms into one scalar with
 `aggregation.aggregate` under `loss_agg`; keyword arguments a loss does not name (the global counts
@@ -29,6 +31,7 @@ damped the gradient to less than half (see each loss).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -44,10 +47,39 @@ LossFn = Callable[..., tuple[torch.Tensor, Metrics]]
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of `values` where `mask` is 1, over `dim` (all elements when None)."""
+    """Mean of `values` where `mask` is 1, over `dim` (all elements when None).
+
+    Masked-out values are selected away, not multiplied by 0: a NaN or inf there (NaN · 0 = NaN)
+    does not reach the mean.
+    """
+    kept = torch.where(mask.bool(), values, 0.0)
     if dim is None:
-        return (values * mask).sum() / mask.sum().clamp(min=1.0)
-    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+        return kept.sum() / mask.sum().clamp(min=1.0)
+    return kept.sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def padding_neutral(loss_fn: LossFn) -> LossFn:
+    """`loss_fn` run on inputs whose padding positions hold neutral values: log-probabilities 0
+    (ratio 1), token advantages 0, importance weights 1.
+
+    Whatever the sampler or the forward pass left at padding (an inference engine's -inf, a
+    NaN) then never enters the arithmetic: masking only the result would not stop it, as
+    exp(inf) · 0 and NaN · 0 are NaN, in the loss and in its gradient. Real positions are
+    passed through unchanged, so the loss and its gradient there are as before.
+    """
+
+    @functools.wraps(loss_fn)
+    def wrapped(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                *args, is_weights: Optional[torch.Tensor] = None, **kwargs) -> tuple[torch.Tensor, Metrics]:
+        real = mask.bool()
+        logp, old_logp = torch.where(real, logp, 0.0), torch.where(real, old_logp, 0.0)
+        if advantages.dim() == 2:
+            advantages = torch.where(real, advantages, 0.0)
+        if is_weights is not None:
+            is_weights = torch.where(real, is_weights, 1.0)
+        return loss_fn(logp, old_logp, advantages, mask, *args, is_weights=is_weights, **kwargs)
+
+    return wrapped
 
 
 def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -137,6 +169,7 @@ def _per_sequence_metrics(seq_ratio, logp, old_logp, mask, low, high) -> Metrics
 # ---------------------------------------------------------------------------- sequence-ratio losses
 
 
+@padding_neutral
 def gspo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -167,6 +200,7 @@ def gspo_loss(
     return loss, _per_sequence_metrics(seq_ratio, logp, old_logp, mask, low, high)
 
 
+@padding_neutral
 def gspo_token_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -199,6 +233,7 @@ def gspo_token_loss(
     return loss, metrics
 
 
+@padding_neutral
 def gmpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -238,6 +273,7 @@ def gmpo_loss(
 # ---------------------------------------------------------------------------- token-ratio losses
 
 
+@padding_neutral
 def grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -280,6 +316,7 @@ def dapo_loss(logp, old_logp, advantages, mask, clip_low: float = 0.2, clip_high
     return grpo_loss(logp, old_logp, advantages, mask, clip_low, clip_high, loss_agg=loss_agg, **kwargs)
 
 
+@padding_neutral
 def cispo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -310,6 +347,7 @@ def cispo_loss(
     return loss, _common_metrics(token_ratio, logp, old_logp, mask, low, high)
 
 
+@padding_neutral
 def sapo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,

@@ -134,9 +134,10 @@ def grouped_swiglu_inference(x: torch.Tensor, gate_up: torch.Tensor, down: torch
 
     Decoding one token per sequence leaves each expert ~64 rows, where the Python loop
     over experts costs as much as a matmul; `torch._grouped_mm` runs all experts' blocks in
-    one call. Same per-block sgemm, so the outputs are bitwise those of the loop
-    (tests/test_experts.py); a MoE block at one decoding step of the benchmark batch (1,024
-    pairs) took 8.66 against 9.16 ms (median of 200 alternated calls).
+    one call. Same per-block sgemm, so the outputs are those of the loop (bitwise on the CPUs
+    measured; tests/test_experts.py allows float rounding, as two kernels may sum in another
+    order elsewhere); a MoE block at one decoding step of the benchmark batch (1,024 pairs)
+    took 8.66 against 9.16 ms (median of 200 alternated calls).
     """
     width = down.shape[2]
     # The op wants rows that start on 16-byte boundaries: widths of 4 float32s (any real model).
