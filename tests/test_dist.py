@@ -79,9 +79,10 @@ def test_two_processes_give_the_single_process_update(strategy, loss, loss_agg, 
                                                       global_batch, single):
     loss_value, params = single(loss, loss_agg)
     result = two_processes(tmp_path, tiny_model_dir, global_batch, strategy, loss, loss_agg)
-    # The loss is a near-cancellation of terms of size |A| · ratio ≈ 1 (advantages sum to 0 within
-    # groups), so its rounding is ~1e-8 in absolute terms, up to 1e-4 of a GSPO loss of ~1e-4.
-    assert result["loss"] == pytest.approx(loss_value, rel=1e-3)
+    # The loss sums terms of size |A| · ratio ≈ 1 that nearly cancel (advantages sum to 0 within
+    # groups; a GSPO loss here is ~1e-5 to 1e-4), so its rounding is relative to those terms, not
+    # to their sum: ~1e-8 seen, 1e-6 allowed.
+    assert result["loss"] == pytest.approx(loss_value, rel=0, abs=1e-6)
     before = load_model(tiny_model_dir).state_dict()
     for name, value in params.items():
         step, two_step = value - before[name], result["params"][name] - before[name]
