@@ -102,7 +102,7 @@ class TaskConfig:
     """Prompts with a verifiable reward."""
 
     name: str = "arithmetic"
-    """Task family; `arithmetic` is generated in memory, every other task reads `path`."""
+    """Task family; `arithmetic` and `arithmetic-chain` are generated in memory, every other task reads `path`."""
     reward: Any = "exact_match"
     """A name in `gspo_cli.data.rewards.REWARDS`, `{_target_: pkg.mod.fn}` for your own function,
     or `{name: weight, ...}` to sum several (README, "Tasks and rewards")."""
@@ -110,6 +110,11 @@ class TaskConfig:
     """Arithmetic: operands are drawn from [0, max_operand]."""
     operators: str = "+"
     """Arithmetic: operators to draw from, e.g. "+-"."""
+    chain_length: int = 8
+    """Arithmetic-chain: operations per problem; the worked solution is about 8 tokens per
+    operation plus 7 (3 → ~30 tokens, 62 → ~500)."""
+    num_problems: int = 10000
+    """Arithmetic-chain: distinct problems generated (training and held-out together)."""
     num_eval: int = 256
     """Held-out prompts, never seen by training (unused with `eval_path` or `eval_split`)."""
     seed: int = 1234
