@@ -187,6 +187,12 @@ class AlgoConfig:
     """Penalty added to the reward (negated) of a response that reaches max_new_tokens."""
     routing_replay: bool = False
     """MoE only: compute π_θ with the experts π_old chose in every layer (GRPO's Routing Replay)."""
+    routing_volatility: Optional[bool] = None
+    """MoE only: after each mini-batch's optimizer step, re-run some of its sequences (no gradient)
+    and log the share of their experts that changed (`routing/volatility`, GSPO paper §4.3).
+    null: on for MoE models (costs a forward pass of `routing_volatility_rows` sequences per step)."""
+    routing_volatility_rows: int = 16
+    """Sequences of each mini-batch re-run for `routing_volatility` (its first ones); 0: all of them."""
 
 
 @dataclass
