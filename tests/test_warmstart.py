@@ -14,6 +14,7 @@ from gspo_cli.train.loop import resolve_model_path
 from gspo_cli.train.warmstart import PROBE_SIZE, warm_start
 
 
+@pytest.mark.slow  # about 100 supervised steps: ~40 s on a quiet 2-core machine, minutes on a busy one
 def test_warm_start_lands_within_a_few_points_of_its_target(tiny_model):
     model, tokenizer = tiny_model
     task = build_task(TaskConfig(max_operand=9, num_eval=20))  # 80 one-digit sums to train on
@@ -50,4 +51,5 @@ def test_responses_too_short_for_the_reference_fail_with_the_setting_to_change(t
     task = build_task(TaskConfig(name="arithmetic-chain", reward="final_answer_match", chain_length=3,
                                  max_operand=9, operators="+-", num_problems=200, num_eval=20))
     with pytest.raises(ValueError, match=r"trainer.max_new_tokens=8 .*trainer.max_new_tokens>=3\d"):
-        warm_start(model, tokenizer, task, WarmStartConfig(enabled=True), max_new_tokens=8, log=print)
+        warm_start(model, tokenizer, task, WarmStartConfig(enabled=True, max_steps=2, check_every=1),
+                   max_new_tokens=8, log=print)
