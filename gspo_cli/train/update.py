@@ -96,12 +96,13 @@ def routing_volatility(policy, rollout: Rollout, rows: torch.Tensor, before: lis
         before: the routes its micro-batches' forward passes captured before the step, per
             micro-batch per layer [n_j, L, k], in row order.
     """
-    n = len(rows)
+    n, tc = len(rows), ctx.cfg.trainer
     old = [torch.cat(layer)[:n] for layer in zip(*before)]
     with ctx.routing.capture() as routes:
         response_logprobs(policy, rollout.input_ids[rows], rollout.attention_mask[rows],
-                          rollout.response_mask.shape[1], ctx.cfg.trainer.temperature, ctx.cfg.trainer.logprob_chunk_size)
-    return minibatch_routing_metrics(rollout, rows, routes_by_sequence(list(routes), n), old)["routing/changed_fraction"]
+                          rollout.response_mask.shape[1], tc.temperature, tc.logprob_chunk_size)
+    new = routes_by_sequence(list(routes), n)
+    return minibatch_routing_metrics(rollout, rows, new, old)["routing/changed_fraction"]
 
 
 def update_policy(policy, optimizer, scheduler, batch: Batch, ctx: StepContext) -> dict[str, float]:

@@ -4,8 +4,8 @@ RL only learns from a model that sometimes succeeds. A real run starts from a pr
 checkpoint; the tiny model the tool builds starts from random weights, so before RL it is
 trained briefly with teacher forcing on the task's reference answers (for a task with worked
 solutions, the whole solution), and stopped at the step whose greedy accuracy on a slice of
-the *training* problems is nearest a target (40–75% is the useful range). The result is cached on disk and reused by every later run with the
-same model, task and warm-start settings.
+the *training* problems is nearest a target (40–75% is the useful range). The result is
+cached on disk and reused by every later run with the same model, task and warm-start settings.
 """
 
 from __future__ import annotations
