@@ -82,6 +82,8 @@ def project_overrides(workload: Workload, cache_dir: Path) -> list[str]:
         f"trainer.group_size={w.group_size}", f"trainer.max_new_tokens={w.max_new_tokens}",
         f"trainer.num_minibatches={w.num_minibatches}", f"trainer.lr={w.lr}", "trainer.warmup_steps=0",
         f"trainer.temperature={w.temperature}", "trainer.save_final=false",
+        # GSPO and nothing else: TRL measures no routing volatility (an extra forward per mini-batch).
+        "algo.routing_volatility=false",
         # Evaluation only at step 0 and after the last step, both outside the timed steps.
         f"trainer.eval_every={w.total_steps + 1}",
         *(["hardware=gpu", f"hardware.device={w.device}"] if w.device.startswith("cuda") else ["hardware.device=cpu"]),

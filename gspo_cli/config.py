@@ -102,7 +102,7 @@ class TaskConfig:
     """Prompts with a verifiable reward."""
 
     name: str = "arithmetic"
-    """Task family; `arithmetic` is generated in memory, every other task reads `path`."""
+    """Task family; `arithmetic` and `arithmetic-chain` are generated in memory, every other task reads `path`."""
     reward: Any = "exact_match"
     """A name in `gspo_cli.data.rewards.REWARDS`, `{_target_: pkg.mod.fn}` for your own function,
     or `{name: weight, ...}` to sum several (README, "Tasks and rewards")."""
@@ -110,6 +110,11 @@ class TaskConfig:
     """Arithmetic: operands are drawn from [0, max_operand]."""
     operators: str = "+"
     """Arithmetic: operators to draw from, e.g. "+-"."""
+    chain_length: int = 8
+    """Arithmetic-chain: operations per problem; the worked solution is about 8 tokens per
+    operation plus 7 (3 → ~30 tokens, 62 → ~500)."""
+    num_problems: int = 10000
+    """Arithmetic-chain: distinct problems generated (training and held-out together)."""
     num_eval: int = 256
     """Held-out prompts, never seen by training (unused with `eval_path` or `eval_split`)."""
     seed: int = 1234
@@ -182,6 +187,12 @@ class AlgoConfig:
     """Penalty added to the reward (negated) of a response that reaches max_new_tokens."""
     routing_replay: bool = False
     """MoE only: compute π_θ with the experts π_old chose in every layer (GRPO's Routing Replay)."""
+    routing_volatility: Optional[bool] = None
+    """MoE only: after each mini-batch's optimizer step, re-run some of its sequences (no gradient)
+    and log the share of their experts that changed (`routing/volatility`, GSPO paper §4.3).
+    null: on for MoE models (costs a forward pass of `routing_volatility_rows` sequences per step)."""
+    routing_volatility_rows: int = 16
+    """Sequences of each mini-batch re-run for `routing_volatility` (its first ones); 0: all of them."""
 
 
 @dataclass

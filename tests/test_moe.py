@@ -13,6 +13,7 @@ from gspo_cli.models.routing import (
     route_rows,
     routes_by_sequence,
     routing_metrics,
+    volatility_metrics,
 )
 from gspo_cli.rollout.generate import encode_prompts, generate_rollout
 from gspo_cli.rollout.scoring import positions_from_mask, response_logprobs
@@ -212,3 +213,79 @@ def test_sampler_routes_are_those_of_a_full_forward_pass(tiny_model):
     for sampled, forward in zip(rollout.routes, full):
         assert torch.equal(sampled[real].sort(-1).values, forward[real].sort(-1).values)
         assert torch.equal(sampled[:, -1], sampled[:, -2])  # the unseen last column repeats the one before
+
+
+def test_volatility_of_hand_made_routes():
+    # One layer, two tokens, top-2. Mini-batch 0: token 0's experts only swap slots (unchanged),
+    # token 1 keeps expert 2 and trades 3 for 4 (half changed): (0 + 0.5) / 2 = 0.25.
+    before = [torch.tensor([[[0, 1], [2, 3]]])]
+    after = [torch.tensor([[[1, 0], [2, 4]]])]
+    first = routing_metrics(after, before, torch.ones(1, 2))["routing/changed_fraction"]
+    assert first == pytest.approx(0.25)
+    # Mini-batch 1: both experts of both tokens change: 1.0. The mean over mini-batches is 0.625.
+    second = routing_metrics([torch.tensor([[[5, 6], [7, 0]]])], before, torch.ones(1, 2))["routing/changed_fraction"]
+    assert volatility_metrics([first, second]) == {"routing/volatility/minibatch_0": 0.25,
+                                                   "routing/volatility/minibatch_1": 1.0,
+                                                   "routing/volatility": 0.625}
+    assert volatility_metrics([]) == {}
+
+
+def update_with(tmp_path, cache_dir, lr, *extra):
+    """One RL step's update of the test MoE (4 mini-batches of 8) with AdamW at `lr`; its metrics."""
+    import dataclasses
+
+    from conftest import compose_train
+    from test_train import small_overrides
+
+    import gspo_cli.train.steps as steps
+    from gspo_cli.train.distributed import DistEnv
+    from gspo_cli.train.loop import make_context, setup
+    from gspo_cli.train.update import update_policy
+
+    cfg = compose_train(small_overrides(cache_dir) + ["algo=grpo", *extra])
+    policy, tokenizer, task, state = setup(cfg, tmp_path, DistEnv(), print)
+    ctx = make_context(cfg, policy, tokenizer, task, DistEnv(), state)
+    batch, _ = steps.collect_rollout(policy, ctx, state.stream)
+    adamw = torch.optim.AdamW(policy.parameters(), lr=lr)
+    ctx = dataclasses.replace(ctx, cfg=cfg)
+    return update_policy(policy, adamw, torch.optim.lr_scheduler.LambdaLR(adamw, lambda i: 1.0), batch, ctx)
+
+
+@pytest.mark.parametrize("micro", [0, 3])  # the probe's routes gathered from one pass, or from three
+def test_volatility_compares_the_policies_before_and_after_each_step(tmp_path, cache_dir, micro):
+    # lr 0: the policy after each step is the one before it, so no expert changes; with micro-batches
+    # of 3 rows the probe's 5 rows are gathered from two passes, in order.
+    still = update_with(tmp_path / "still", cache_dir, 0.0, f"trainer.micro_batch_size={micro}",
+                        "algo.routing_volatility_rows=5")
+    assert [still[f"routing/volatility/minibatch_{i}"] for i in range(4)] == [0.0] * 4
+    assert still["routing/volatility"] == 0.0
+    # A large step moves the routers: each step changes some experts of the same tokens. The
+    # first mini-batch counts too (its on-policy routing/changed_fraction is 0 by construction).
+    moved = update_with(tmp_path / "moved", cache_dir, 0.1, f"trainer.micro_batch_size={micro}")
+    assert all(0.0 < moved[f"routing/volatility/minibatch_{i}"] <= 1.0 for i in range(4)), moved
+    assert moved["routing/volatility"] == pytest.approx(sum(moved[f"routing/volatility/minibatch_{i}"]
+                                                            for i in range(4)) / 4)
+
+
+def test_volatility_is_switchable_and_logged_in_a_run(tmp_path, cache_dir):
+    off = update_with(tmp_path / "off", cache_dir, 0.1, "algo.routing_volatility=false")
+    assert not any(k.startswith("routing/volatility") for k in off)
+    records = run_small(tmp_path / "run", cache_dir)  # on by default for an MoE model
+    for r in records[:2]:
+        assert 0.0 <= r["routing/volatility"] <= 1.0
+        assert {f"routing/volatility/minibatch_{i}" for i in range(4)} <= set(r)
+
+
+def test_small_qwen3_moe_has_the_scaled_down_qwen3_30b_a3b_shape():
+    from conftest import compose_train
+
+    cfg = compose_train(["model=small-qwen3-moe"])
+    model = build_tiny_model(cfg.model.build, build_char_tokenizer(), seed=0)
+    c = model.config
+    assert (c.num_hidden_layers, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob) == (8, 32, 4, True)
+    assert c.num_attention_heads // c.num_key_value_heads == 32 // 4
+    assert MoERouting(model).num_layers == 8  # every layer is MoE, as in Qwen3-30B-A3B
+    assert cfg.model.warm_start.enabled
+    # A 600-token sequence (the prompt and worked solution of a 62-operation chain) runs.
+    ids = torch.randint(3, len(build_char_tokenizer()), (1, 600))
+    assert model(input_ids=ids).logits.shape == (1, 600, len(build_char_tokenizer()))

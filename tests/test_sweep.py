@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+from conftest import compose_train
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
@@ -26,6 +27,39 @@ def test_default_grid_is_gspo_and_grpo_with_three_seeds_each():
     assert swept == {"algo", "seed"}
     assert [(j[1], j[2]) for j in jobs] == [(f"algo={a}", f"seed={s}") for a in ("gspo", "grpo") for s in (0, 1, 2)]
     assert set(params) == {"model", "algo", "seed"} and params["model"] == "tiny-qwen3-moe"
+
+
+def sweep_jobs(name: str) -> list[list[str]]:
+    """The overrides of every job of `conf/sweep/<name>.yaml`, as `gspo sweep sweep=<name>` launches them."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"+sweep={name}"], return_hydra_config=True)
+    return grid(OmegaConf.to_container(cfg.hydra.sweeper.params), [])[1]
+
+
+PAPER_ALGOS = {"gspo": ("gspo", False), "gspo-token": ("gspo-token", False), "grpo": ("grpo", False),
+               "grpo-replay": ("grpo", True)}  # algo: (loss, routing replay)
+
+
+@pytest.mark.parametrize("name,seeds,chain_length,max_steps", [("paper", [0, 1, 2], 16, 100),
+                                                                ("paper-quick", [0], 4, 30)])
+def test_paper_sweeps_compose_into_four_algorithms_on_the_long_task_and_the_qwen3_shaped_moe(
+        name, seeds, chain_length, max_steps):
+    jobs = sweep_jobs(name)
+    assert len(jobs) == 4 * len(seeds)
+    seen = set()
+    for job in jobs:  # every job composes as `gspo train` would compose it
+        cfg = compose_train(job)
+        assert (cfg.model.name, cfg.model.build.num_hidden_layers, cfg.model.build.num_experts) == ("small-qwen3-moe", 8, 32)
+        assert cfg.model.build.num_experts_per_tok == 4
+        assert (cfg.task.name, cfg.task.reward, cfg.task.chain_length) == ("arithmetic-chain", "final_answer_match",
+                                                                           chain_length)
+        assert cfg.trainer.max_new_tokens >= 8 * chain_length + 16  # room for the whole worked solution
+        assert cfg.trainer.max_steps == max_steps and cfg.trainer.num_minibatches == 4
+        assert (cfg.algo.loss, cfg.algo.routing_replay) == PAPER_ALGOS[cfg.algo.name]
+        seen.add((cfg.algo.name, cfg.seed))
+    assert seen == {(a, s) for a in PAPER_ALGOS for s in seeds}
 
 
 def test_sweep_arguments_add_the_grid_a_directory_and_a_wandb_group():

@@ -129,6 +129,22 @@ def math_reward(completion: str, answer: str) -> float:
     return 1.0 if predicted is not None and math_equal(predicted, reference) else 0.0
 
 
+_FINAL_LINE = re.compile(r"\n#### (-?\d+)\s*\Z")
+
+
+def final_answer_match(completion: str, answer: str) -> float:
+    """1.0 when the completion ends in the line `#### <integer>` and that integer is the reference's.
+
+    The reference is a whole worked solution ending the same way (`task=arithmetic-chain`);
+    only the final answers are compared, so a different route to the right answer scores 1.
+    A completion with no such final line (malformed, or cut off at `max_new_tokens`) scores 0.
+    """
+    predicted, reference = _FINAL_LINE.search("\n" + completion), _FINAL_LINE.search("\n" + answer)
+    if reference is None:
+        raise ValueError(f"final_answer_match: the reference does not end in a '#### <integer>' line: {answer[-80:]!r}")
+    return 1.0 if predicted is not None and int(predicted.group(1)) == int(reference.group(1)) else 0.0
+
+
 # ---------------------------------------------------------------------------- format and length
 
 
@@ -160,6 +176,7 @@ def overlong_penalty(completion: str, answer: str, *, num_tokens: int, max_token
 
 REWARDS: dict[str, RewardFn] = {
     "exact_match": exact_match,
+    "final_answer_match": final_answer_match,
     "math": math_reward,
     "format": format_reward,
     "overlong": overlong_penalty,

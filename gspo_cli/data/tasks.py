@@ -1,6 +1,6 @@
 """Tasks: prompt sets with reference answers, a held-out split, and the reward wiring.
 
-`arithmetic` is generated in memory; every other task (`gsm8k`, `math`, `jsonl`, or your
+`arithmetic` and `arithmetic-chain` are generated in memory; every other task (`gsm8k`, `math`, `jsonl`, or your
 own `conf/task/*.yaml`) reads `task.path` through `data.files`. Prompts are kept
 as plain text; `Task.for_tokenizer` wraps them in a chat template once the tokenizer is loaded.
 """
@@ -95,6 +95,54 @@ def arithmetic_problems(max_operand: int, operators: str) -> list[Problem]:
     ]
 
 
+CHAIN_TOTAL_MAX = 99  # the running total of an arithmetic chain stays in [0, 99]: two digits at most
+
+
+def chain_problem(rng: random.Random, steps: int, max_operand: int, operators: str) -> Problem:
+    """One chain of `steps` operations with its worked solution as the reference.
+
+    The prompt lists the operations; the reference writes one line per operation with the
+    running total, then the final answer after `####` (the marker `final_answer_match` reads):
+
+        Problem("37+5-3=", "37+5=42\n42-3=39\n#### 39")
+
+    Each operand is drawn from [0, max_operand], clamped so the total stays in [0, 99]; a
+    line is 6-8 characters plus its newline, so the reference is about 8 tokens of the
+    character tokenizer per operation, plus 7 for the answer line.
+    """
+    total = rng.randint(0, CHAIN_TOTAL_MAX)
+    prompt, lines = [str(total)], []
+    for _ in range(steps):
+        op = rng.choice(operators)
+        room = CHAIN_TOTAL_MAX - total if op == "+" else total
+        operand = rng.randint(0, min(max_operand, room))
+        new = OPERATIONS[op](total, operand)
+        prompt.append(f"{op}{operand}")
+        lines.append(f"{total}{op}{operand}={new}")
+        total = new
+    return Problem("".join(prompt) + "=", "\n".join(lines) + f"\n#### {total}")
+
+
+def arithmetic_chain_problems(num_problems: int, steps: int, max_operand: int, operators: str,
+                              seed: int) -> list[Problem]:
+    """`num_problems` distinct chains of `steps` operations (`chain_problem`), seeded."""
+    if steps < 1:
+        raise ValueError(f"task.chain_length={steps}: at least one operation")
+    if not operators or set(operators) - {"+", "-"}:
+        raise ValueError(f"task.operators={operators!r}: arithmetic-chain uses + and - (choose from '+-')")
+    if max_operand < 1:
+        raise ValueError(f"task.max_operand={max_operand}: at least 1")
+    rng, problems, seen = random.Random(seed), [], set()
+    for _ in range(20 * num_problems):  # short chains have few distinct prompts; do not loop forever
+        problem = chain_problem(rng, steps, max_operand, operators)
+        if problem.prompt not in seen:
+            seen.add(problem.prompt)
+            problems.append(problem)
+            if len(problems) == num_problems:
+                break
+    return problems
+
+
 def split_heldout(problems: list[Problem], num_eval: int, seed: int) -> tuple[list[Problem], list[Problem]]:
     """Deterministic shuffle, then the first `num_eval` problems are held out: (train, eval)."""
     if not 0 < num_eval < len(problems):
@@ -136,6 +184,14 @@ def build_task(cfg: TaskConfig) -> Task:
         if cfg.path is not None:
             raise ValueError("task.path is set, but task=arithmetic generates its prompts: use task=jsonl")
         problems = arithmetic_problems(cfg.max_operand, cfg.operators)
+        train, held_out = split_heldout(problems, cfg.num_eval, cfg.seed)
+        train, held_out = ([Problem(cfg.template.replace("{prompt}", p.prompt), p.answer) for p in part]
+                           for part in (train, held_out))
+    elif cfg.name == "arithmetic-chain":
+        if cfg.path is not None:
+            raise ValueError("task.path is set, but task=arithmetic-chain generates its prompts: use task=jsonl")
+        problems = arithmetic_chain_problems(cfg.num_problems, cfg.chain_length, cfg.max_operand, cfg.operators,
+                                             cfg.seed)
         train, held_out = split_heldout(problems, cfg.num_eval, cfg.seed)
         train, held_out = ([Problem(cfg.template.replace("{prompt}", p.prompt), p.answer) for p in part]
                            for part in (train, held_out))

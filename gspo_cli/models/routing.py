@@ -181,6 +181,21 @@ def routing_metrics(current: Routes, old: Routes, mask: torch.Tensor) -> dict[st
     return metrics
 
 
+def volatility_metrics(per_minibatch: list[float]) -> dict[str, float]:
+    """`routing/volatility`: the mean over mini-batches of the share of experts changed by one
+    optimizer step (GSPO paper §4.3), and each mini-batch's value `routing/volatility/minibatch_<i>`.
+
+    Args:
+        per_minibatch: per optimizer step of one RL step, in order, the `routing/changed_fraction`
+            of the same tokens routed before and after that step (no value: no metric).
+    """
+    if not per_minibatch:
+        return {}
+    metrics = {f"routing/volatility/minibatch_{i}": v for i, v in enumerate(per_minibatch)}
+    metrics["routing/volatility"] = sum(per_minibatch) / len(per_minibatch)
+    return metrics
+
+
 def routes_megabytes(routes: Routes) -> float:
     """Memory held by cached routes, in MB."""
     return sum(r.numel() * r.element_size() for r in routes) / 1e6

@@ -17,7 +17,7 @@ from gspo_cli.algo.aggregation import aggregate
 from gspo_cli.algo.kl import kl_estimate
 from gspo_cli.algo.losses import LOSSES
 from gspo_cli.algo.rollout_correction import importance_weights, logp_mismatch
-from gspo_cli.models.routing import Routes, route_rows, routes_by_sequence, routing_metrics
+from gspo_cli.models.routing import Routes, route_rows, routes_by_sequence, routing_metrics, volatility_metrics
 from gspo_cli.rollout.generate import Rollout
 from gspo_cli.rollout.scoring import response_logprobs
 from gspo_cli.train.distributed import all_reduce_sum, gradient_sync
@@ -81,6 +81,31 @@ def minibatch_routing_metrics(rollout: Rollout, indices: torch.Tensor, routes: O
     return routing_metrics(routes, old_routes, predicting)
 
 
+def measures_volatility(ctx: StepContext) -> bool:
+    """Whether `routing/volatility` is measured: `algo.routing_volatility`, by default on for MoE models."""
+    setting = ctx.cfg.algo.routing_volatility
+    return ctx.routing is not None and (setting is None or setting)
+
+
+@torch.no_grad()
+def routing_volatility(policy, rollout: Rollout, rows: torch.Tensor, before: list[Routes], ctx: StepContext) -> float:
+    """Share of the experts chosen for `rows`' tokens before an optimizer step that the policy
+    after it no longer chooses (GSPO paper §4.3: consecutive policies, same tokens).
+
+    Args:
+        rows: the first sequences of the mini-batch (its probe).
+        before: the routes its micro-batches' forward passes captured before the step, per
+            micro-batch per layer [n_j, L, k], in row order.
+    """
+    n, tc = len(rows), ctx.cfg.trainer
+    old = [torch.cat(layer)[:n] for layer in zip(*before)]
+    with ctx.routing.capture() as routes:
+        response_logprobs(policy, rollout.input_ids[rows], rollout.attention_mask[rows],
+                          rollout.response_mask.shape[1], tc.temperature, tc.logprob_chunk_tokens)
+    new = routes_by_sequence(list(routes), n)
+    return minibatch_routing_metrics(rollout, rows, new, old)["routing/changed_fraction"]
+
+
 def update_policy(policy, optimizer, scheduler, batch: Batch, ctx: StepContext) -> dict[str, float]:
     """`trainer.ppo_epochs` passes over the batch, each split into `trainer.num_minibatches`
     mini-batches with one optimizer step each; a mini-batch runs in micro-batches of
@@ -102,16 +127,19 @@ def update_policy(policy, optimizer, scheduler, batch: Batch, ctx: StepContext) 
     old: Optional[OldPolicy] = batch.old if batch.old.rows.numel() == num_seqs else None
     sums: dict[str, float] = {}
     skipped, mismatch = 0, {}
+    volatility, probe = [], ctx.cfg.algo.routing_volatility_rows if measures_volatility(ctx) else -1
     for epoch in range(tc.ppo_epochs):
         order = batch.order if epoch == 0 else torch.randperm(num_seqs, generator=ctx.generator)
         for indices in order.chunk(tc.num_minibatches):
             mask = rollout.response_mask[indices]
             counts = all_reduce_sum(torch.tensor([mask.sum().item(), float(mask.shape[0])]), ctx.env)
             optimizer.zero_grad(set_to_none=True)
-            parts, step_metrics = [], {}
+            parts, step_metrics, before = [], {}, []
             micros = micro_batches(indices, tc.micro_batch_size)
             for j, rows in enumerate(micros):
                 logp, routes = minibatch_logprobs(policy, rollout, rows, ctx, old)
+                if probe >= 0 and sum(len(r[0]) for r in before) < (probe or len(indices)):
+                    before.append(routes)  # this pass's experts, to compare after the step
                 # Before the first optimizer step this pass is π_old of its rows (when not known yet).
                 this_pass = OldPolicy(rows, logp.detach(), routes)
                 old_rows = this_pass if old is None else OldPolicy(
@@ -137,6 +165,8 @@ def update_policy(policy, optimizer, scheduler, batch: Batch, ctx: StepContext) 
             finite = math.isfinite(step_metrics["loss"]) and bool(torch.isfinite(grad_norm))
             if finite:
                 optimizer.step()
+                if probe >= 0:
+                    volatility.append(routing_volatility(policy, rollout, indices[:probe or len(indices)], before, ctx))
             else:  # one NaN must not poison the weights, Adam's moments or the step's averages
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
@@ -148,4 +178,5 @@ def update_policy(policy, optimizer, scheduler, batch: Batch, ctx: StepContext) 
     applied = tc.num_minibatches * tc.ppo_epochs - skipped
     means = {name: total / applied for name, total in sums.items()} if applied else {
         "loss": float("nan"), "grad_norm": float("nan")}
-    return {**means, "faults/skipped_steps": float(skipped), **{k: v.item() for k, v in mismatch.items()}}
+    return {**means, **volatility_metrics(volatility), "faults/skipped_steps": float(skipped),
+            **{k: v.item() for k, v in mismatch.items()}}

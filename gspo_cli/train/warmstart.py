@@ -2,16 +2,18 @@
 
 RL only learns from a model that sometimes succeeds. A real run starts from a pretrained
 checkpoint; the tiny model the tool builds starts from random weights, so before RL it is
-trained briefly with teacher forcing on the task's reference answers, and stopped as soon
-as its greedy accuracy on a slice of the *training* problems reaches a target (40–75% is
-the useful range). The result is cached on disk and reused by every later run with the
-same model, task and warm-start settings.
+trained briefly with teacher forcing on the task's reference answers (for a task with worked
+solutions, the whole solution), and stopped at the step whose greedy accuracy on a slice of
+the *training* problems is nearest a target (40–75% is the useful range). The result is
+cached on disk and reused by every later run with the same model, task and warm-start settings.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +28,9 @@ from gspo_cli.rollout.evaluation import greedy_eval
 from gspo_cli.rollout.scoring import positions_from_mask
 
 PROBE_SIZE = 256  # training problems used to decide when to stop
+# Part of the cache key: bump when the procedure changes, so cached warm starts are redone.
+# 2: landing nearest the target, checked every step after the first crossing (issue 18).
+WARM_START_VERSION = 2
 
 
 def supervised_batch(tokenizer, problems: list[Problem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,25 +54,107 @@ def supervised_batch(tokenizer, problems: list[Problem]) -> tuple[torch.Tensor, 
     return ids, mask, labels
 
 
+def reference_tokens(tokenizer, problems: list[Problem]) -> int:
+    """Tokens of the longest reference answer, end-of-sequence token included."""
+    return max(len(ids) for ids in tokenizer([p.answer for p in problems], add_special_tokens=False)["input_ids"]) + 1
+
+
+@dataclass
+class Snapshot:
+    """The warm start's whole state at one step: weights, AdamW's moments, the batch sampler."""
+
+    step: int
+    accuracy: float
+    model: dict
+    optimizer: dict
+    rng: object
+
+    @classmethod
+    def take(cls, step: int, accuracy: float, model, optimizer, rng: random.Random) -> Snapshot:
+        return cls(step, accuracy, copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()),
+                   rng.getstate())
+
+    def restore(self, model, optimizer, rng: random.Random) -> None:
+        model.load_state_dict(self.model)
+        optimizer.load_state_dict(copy.deepcopy(self.optimizer))
+        rng.setstate(self.rng)
+
+
 def warm_start(model, tokenizer, task: Task, cfg, max_new_tokens: int, log: Callable[[str], None]) -> dict[str, float]:
-    """Teacher-force `model` on training answers until the probe accuracy reaches the target."""
+    """Teacher-force `model` on training answers until the probe accuracy reaches the target,
+    then land on the step whose probe accuracy is nearest the target.
+
+    The probe is checked every `check_every` steps. When a check first reaches the target,
+    the state of the check before is restored and the same steps (same batches) are replayed
+    with a check after every step; the run stops at the step before or the step at which the
+    probe first reaches the target, whichever is nearer to it. So the landing is within one
+    optimizer step of the target, not within `check_every` steps (a jump of up to ~15 points).
+    The held-out accuracy of the result, the base RL starts from, is measured and logged.
+    """
     rng = random.Random(cfg.seed)
     probe = task.train[:PROBE_SIZE]
+    longest = reference_tokens(tokenizer, probe)
+    if longest > max_new_tokens:
+        raise ValueError(f"trainer.max_new_tokens={max_new_tokens} is shorter than the task's reference answers "
+                         f"(up to {longest} tokens with the end-of-sequence token): greedy answers would be cut "
+                         f"off and the warm start could never reach its target; set trainer.max_new_tokens>={longest}")
+    # A small file (fewer training rows than a batch) is trained on whole, every step.
+    batch_size = min(cfg.batch_size, len(task.train))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     model.train()
-    accuracy, step = 0.0, 0
-    for step in range(1, cfg.max_steps + 1):
-        ids, mask, labels = supervised_batch(tokenizer, rng.sample(task.train, cfg.batch_size))
+
+    def train_step() -> float:
+        ids, mask, labels = supervised_batch(tokenizer, rng.sample(task.train, batch_size))
         loss = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step % cfg.check_every == 0:
-            accuracy = greedy_eval(model, tokenizer, task, probe, max_new_tokens)[0]["eval/accuracy"]
-            log(f"warm start step {step}: loss {loss.item():.3f}, train-probe accuracy {accuracy:.2f}")
-            if accuracy >= cfg.target_accuracy:
-                break
-    return {"steps": step, "probe_accuracy": accuracy}
+        return loss.item()
+
+    def probe_accuracy() -> float:
+        return greedy_eval(model, tokenizer, task, probe, max_new_tokens)[0]["eval/accuracy"]
+
+    before = Snapshot.take(0, 0.0, model, optimizer, rng)  # the last check below the target
+    accuracy, step = 0.0, 0
+    for step in range(1, cfg.max_steps + 1):
+        loss = train_step()
+        if step % cfg.check_every and step != cfg.max_steps:
+            continue
+        accuracy = probe_accuracy()
+        log(f"warm start step {step}: loss {loss:.3f}, train-probe accuracy {accuracy:.3f}")
+        if accuracy >= cfg.target_accuracy:
+            step, accuracy = land(before, step, train_step, probe_accuracy, model, optimizer, rng,
+                                  cfg.target_accuracy, log)
+            break
+        before = Snapshot.take(step, accuracy, model, optimizer, rng)
+    else:
+        log(f"warm start: train-probe accuracy {accuracy:.3f} after warm_start.max_steps={cfg.max_steps} steps, "
+            f"below the target {cfg.target_accuracy}")
+    held_out = greedy_eval(model, tokenizer, task, task.eval, max_new_tokens)[0]["eval/accuracy"]
+    log(f"warm start: landed at step {step}, train-probe accuracy {accuracy:.3f} (target {cfg.target_accuracy}), "
+        f"held-out (base) accuracy {held_out:.3f}")
+    return {"steps": step, "probe_accuracy": accuracy, "heldout_accuracy": held_out}
+
+
+def land(before: Snapshot, crossed_at: int, train_step: Callable[[], float], probe_accuracy: Callable[[], float],
+         model, optimizer, rng: random.Random, target: float, log: Callable[[str], None]) -> tuple[int, float]:
+    """Replay from `before` one step at a time up to `crossed_at`; stop at the first step whose
+    probe reaches `target`, or go back one step if that one was nearer. Returns (step, accuracy)."""
+    before.restore(model, optimizer, rng)
+    last = before
+    step, accuracy = before.step, before.accuracy
+    for step in range(before.step + 1, crossed_at + 1):
+        train_step()
+        accuracy = probe_accuracy()
+        if accuracy >= target or step == crossed_at:
+            break
+        last = Snapshot.take(step, accuracy, model, optimizer, rng)
+    if last.step > 0 and target - last.accuracy < accuracy - target:  # the step before is nearer
+        last.restore(model, optimizer, rng)
+        step, accuracy = last.step, last.accuracy
+    log(f"warm start: landed at step {step} (checked every step since {before.step}): "
+        f"train-probe accuracy {accuracy:.3f}")
+    return step, accuracy
 
 
 def warm_started_dir(model_cfg: ModelConfig, task_cfg: TaskConfig, cache_dir: Path, max_new_tokens: int,
@@ -76,7 +163,7 @@ def warm_started_dir(model_cfg: ModelConfig, task_cfg: TaskConfig, cache_dir: Pa
     base = built_model_dir(model_cfg, cache_dir)
     if not model_cfg.warm_start.enabled:
         return base
-    key = config_hash(base.name, model_cfg.warm_start, task_cfg, max_new_tokens)
+    key = config_hash(base.name, model_cfg.warm_start, task_cfg, max_new_tokens, WARM_START_VERSION)
     target = cache_dir / "warmstart" / f"{model_cfg.name}-{task_cfg.name}-{key}"
     if (target / "config.json").exists():
         log(f"warm start: reusing {target}")

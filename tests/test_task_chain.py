@@ -1,0 +1,85 @@
+"""`task=arithmetic-chain`: worked solutions of controlled length, and the final-answer verifier."""
+
+import random
+
+import pytest
+from conftest import compose_train
+
+from gspo_cli.data.rewards import final_answer_match
+from gspo_cli.data.tasks import arithmetic_chain_problems, build_task, chain_problem
+from gspo_cli.models.build import build_char_tokenizer
+
+SOLUTION = "37+5=42\n42-3=39\n#### 39"
+
+
+@pytest.mark.parametrize("completion,expected", [
+    (SOLUTION, 1.0),                              # the reference itself
+    ("37+5=42\n42-3=38\n#### 39", 1.0),           # a wrong step, right answer: only the answer counts
+    ("#### 39", 1.0),                             # no working at all, right answer
+    ("37+5=42\n42-3=39\n#### 39\n", 1.0),         # trailing whitespace
+    ("37+5=42\n42-3=39\n#### 38", 0.0),           # wrong answer
+    ("37+5=42\n42-3=39\n#### 390", 0.0),          # longer number
+    ("37+5=42\n42-3=39", 0.0),                    # no final line (cut off at max_new_tokens)
+    ("37+5=42\n42-3=39\n#### ", 0.0),             # an empty answer
+    ("37+5=42\n42-3=39\n#### 39\n42", 0.0),       # text after the answer line: malformed
+    ("37+5=42\n42-3=39 #### 39", 0.0),            # the marker not on a line of its own
+    ("37+5=42\n42-3=39\n####39", 0.0),            # no space after the marker
+    ("", 0.0),
+])
+def test_final_answer_match(completion, expected):
+    assert final_answer_match(completion, SOLUTION) == expected
+
+
+def test_final_answer_match_needs_a_reference_with_a_final_line():
+    with pytest.raises(ValueError, match="reference"):
+        final_answer_match("#### 3", "3")
+
+
+def test_a_chain_problem_by_hand():
+    # Replay the generator's draws: a start total, then per operation an operator and an operand.
+    problem = chain_problem(random.Random(0), 3, 9, "+-")
+    rng = random.Random(0)
+    total = rng.randint(0, 99)
+    assert problem.prompt.startswith(str(total))
+    lines = problem.answer.split("\n")
+    assert len(lines) == 4 and lines[-1].startswith("#### ")
+    # Every line is "a<op>b=c" with c = a <op> b, and each line starts from the last total.
+    operations = []
+    for line in lines[:-1]:
+        left, result = line.split("=")
+        op = "+" if "+" in left else "-"
+        a, b = (int(x) for x in left.split(op))
+        assert a == total and 0 <= b <= 9 and int(result) == (a + b if op == "+" else a - b)
+        assert 0 <= int(result) <= 99
+        operations.append(f"{op}{b}")
+        total = int(result)
+    assert lines[-1] == f"#### {total}"
+    # The prompt is the start and the operations in order, ending in "=".
+    assert problem.prompt == str(random.Random(0).randint(0, 99)) + "".join(operations) + "="
+    assert final_answer_match(problem.answer, problem.answer) == 1.0
+
+
+def test_chain_problems_are_distinct_and_seeded():
+    first = arithmetic_chain_problems(500, 2, 9, "+-", seed=3)
+    assert len({p.prompt for p in first}) == 500
+    assert first == arithmetic_chain_problems(500, 2, 9, "+-", seed=3)
+    assert first != arithmetic_chain_problems(500, 2, 9, "+-", seed=4)
+    with pytest.raises(ValueError, match=r"\+-"):
+        arithmetic_chain_problems(10, 2, 9, "*", seed=0)
+
+
+@pytest.mark.parametrize("chain_length,low,high", [(3, 25, 35), (8, 60, 80), (62, 470, 520)])
+def test_chain_length_sets_the_reference_length_in_tokens(chain_length, low, high):
+    cfg = compose_train(["task=arithmetic-chain", f"task.chain_length={chain_length}", "task.num_problems=400",
+                         "task.num_eval=40"])
+    task = build_task(cfg.task)
+    tokenizer = build_char_tokenizer()
+    # The response the warm start teaches: the worked solution and the end-of-sequence token.
+    lengths = [len(ids) + 1 for ids in tokenizer([p.answer for p in task.train], add_special_tokens=False)["input_ids"]]
+    assert low <= sum(lengths) / len(lengths) <= high
+    assert len(task.train) == 360 and len(task.eval) == 40
+    assert not {p.prompt for p in task.train} & {p.prompt for p in task.eval}
+    # The task's reward is the final-answer verifier: the reference scores 1, a cut-off one 0.
+    problem = task.train[0]
+    assert task.reward(problem.answer, problem.answer) == 1.0
+    assert task.reward(problem.answer[:-3], problem.answer) == 0.0

@@ -1,0 +1,55 @@
+"""The supervised warm start: landing near its target, small data files, responses too short."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import compose_train
+from test_train import small_overrides
+
+from gspo_cli.config import TaskConfig, WarmStartConfig
+from gspo_cli.data.tasks import build_task
+from gspo_cli.rollout.evaluation import greedy_eval
+from gspo_cli.train.loop import resolve_model_path
+from gspo_cli.train.warmstart import PROBE_SIZE, warm_start
+
+
+@pytest.mark.slow  # about 100 supervised steps: ~40 s on a quiet 2-core machine, minutes on a busy one
+def test_warm_start_lands_within_a_few_points_of_its_target(tiny_model):
+    model, tokenizer = tiny_model
+    task = build_task(TaskConfig(max_operand=9, num_eval=20))  # 80 one-digit sums to train on
+    # Checked every 30 steps at a high learning rate, the probe jumps between checks (on this
+    # machine 0.33 at step 60, 0.89 at step 90); the landing replays steps 61-90 one at a time
+    # and stops next to the first that reaches the target (0.49 at step 73, 0.54 at step 74).
+    cfg = WarmStartConfig(enabled=True, target_accuracy=0.5, lr=1e-2, check_every=30, batch_size=64)
+    lines = []
+    summary = warm_start(model, tokenizer, task, cfg, max_new_tokens=4, log=lines.append)
+    assert abs(summary["probe_accuracy"] - 0.5) <= 0.06, lines
+    # The model left behind is the one that was measured (the landing restored it if it went back a step).
+    probe = task.train[:PROBE_SIZE]
+    assert greedy_eval(model, tokenizer, task, probe, 4)[0]["eval/accuracy"] == summary["probe_accuracy"]
+    assert greedy_eval(model, tokenizer, task, task.eval, 4)[0]["eval/accuracy"] == summary["heldout_accuracy"]
+    assert "held-out (base) accuracy" in lines[-1]
+
+
+def test_warm_start_on_a_file_smaller_than_a_batch(tmp_path, cache_dir):
+    # 40 rows, 8 held out: 32 training rows against a warm-start batch of 64 ("Sample larger than population").
+    data = tmp_path / "small.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{a}+{b}?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}) + "\n"
+                            for a in range(1, 5) for b in range(10)))
+    cfg = compose_train(small_overrides(cache_dir) + [
+        "task=gsm8k", f"task.path={data}", "task.num_eval=8",
+        "model.warm_start.max_steps=4", "model.warm_start.check_every=2", "model.warm_start.target_accuracy=0.99"])
+    lines = []
+    path = resolve_model_path(cfg, build_task(cfg.task), log=lines.append)
+    assert (Path(path) / "config.json").exists()
+    assert any("held-out (base) accuracy" in line for line in lines), lines
+
+
+def test_responses_too_short_for_the_reference_fail_with_the_setting_to_change(tiny_model):
+    model, tokenizer = tiny_model
+    task = build_task(TaskConfig(name="arithmetic-chain", reward="final_answer_match", chain_length=3,
+                                 max_operand=9, operators="+-", num_problems=200, num_eval=20))
+    with pytest.raises(ValueError, match=r"trainer.max_new_tokens=8 .*trainer.max_new_tokens>=3\d"):
+        warm_start(model, tokenizer, task, WarmStartConfig(enabled=True, max_steps=2, check_every=1),
+                   max_new_tokens=8, log=print)
