@@ -194,6 +194,15 @@ class TrainerConfig:
     """Longest response."""
     temperature: float = 1.0
     """Sampling temperature of rollouts (log-probabilities use the same)."""
+    top_p: float = 1.0
+    """Nucleus sampling of rollouts: draw from the most likely tokens holding this much probability
+    (1.0: off). The sampler's log-probabilities are then those of the truncated distribution,
+    the trainer's of the full one: the rollout is off-policy (docs/algorithms.md)."""
+    top_k: int = 0
+    """Draw rollouts from the k most likely tokens only (0: off); off-policy like `top_p`."""
+    stop_strings: list[str] = field(default_factory=list)
+    """End a response once its text contains one of these (kept in the response), besides the
+    model's stop tokens (generation_config.json's `eos_token_id` and the tokenizer's eos)."""
     lr: float = 1e-4
     """AdamW learning rate."""
     weight_decay: float = 0.0

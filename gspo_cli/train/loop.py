@@ -261,7 +261,7 @@ def loop_steps(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, state:
         eval_metrics = {}
         if step % tc.eval_every == 0 or step == tc.max_steps:
             eval_metrics, samples = greedy_eval(unwrap(policy), ctx.tokenizer, ctx.task, ctx.task.eval,
-                                                tc.max_new_tokens)
+                                                tc.max_new_tokens, stop_strings=tc.stop_strings)
             logger.log_samples(step, samples[:tc.eval_samples_logged])
         if step == tc.max_steps:  # the last record holds only the final evaluation
             record = {**record, **eval_metrics}

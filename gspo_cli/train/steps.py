@@ -103,7 +103,8 @@ def sample_and_score(policy, ctx: StepContext, stream: PromptStream,
     start = time.perf_counter()
     routing = ctx.routing if old_logp_source(ctx.cfg) == "rollout" else None  # the sampler's routes are π_old's
     rollout = generate_rollout(policy, ctx.tokenizer, prompts, tc.max_new_tokens, tc.temperature,
-                               ctx.sampling_generator or ctx.generator, ctx.still_running, routing)
+                               ctx.sampling_generator or ctx.generator, ctx.still_running, routing,
+                               top_p=tc.top_p, top_k=tc.top_k, stop_strings=tc.stop_strings)
     timings["time/generate_s"] = timings.get("time/generate_s", 0.0) + time.perf_counter() - start
 
     start = time.perf_counter()
@@ -310,12 +311,13 @@ def update_policy(policy, optimizer, scheduler, batch: Batch, ctx: StepContext) 
 
 def rollout_metrics(batch: Batch) -> dict[str, float]:
     """Reward, length and entropy statistics of a rollout batch."""
-    mask = batch.rollout.response_mask
+    mask, truncated = batch.rollout.response_mask, batch.rollout.truncated
     return {
         "reward/mean": batch.rewards.mean().item(),
         "reward/std": batch.rewards.std().item(),
         "response_length/mean": mask.sum(1).mean().item(),
         "entropy": masked_mean(batch.entropy, mask).item(),
+        **({} if truncated is None else {"response/truncated_fraction": truncated.float().mean().item()}),
     }
 
 
