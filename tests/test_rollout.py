@@ -146,10 +146,11 @@ def test_a_special_token_works_as_a_stop_string(real_base_dir):
     model = ScriptedLM([seven + [im_end] + seven * 3], len(tokenizer), eos_token_id=tokenizer.eos_token_id)
     plain = generate_rollout(model, tokenizer, ["3+4="], 6, temperature=0.0)
     assert plain.truncated.tolist() == [True]  # <|im_end|> is no stop token of this model
-    model.step = 0
-    rollout = generate_rollout(model, tokenizer, ["3+4="], 6, temperature=0.0, stop_strings=["<|im_end|>"])
-    assert rollout.input_ids[0, -2:].tolist() == seven + [im_end]
-    assert rollout.completions == ["7"] and rollout.truncated.tolist() == [False]
+    for stop in ("<|im_end|>", "7<|im_end|>"):  # a whole special token (matched by id), or text around one
+        model.step = 0
+        rollout = generate_rollout(model, tokenizer, ["3+4="], 6, temperature=0.0, stop_strings=[stop])
+        assert rollout.input_ids[0, -2:].tolist() == seven + [im_end], stop
+        assert rollout.completions == ["7"] and rollout.truncated.tolist() == [False], stop
 
 
 # ---------------------------------------------------------------------------- top-p, top-k

@@ -143,16 +143,19 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
 
 
 class StopStrings:
-    """Finds responses whose text has come to contain one of `strings` (special tokens
-    written out, so `<|im_end|>` works as a string too).
+    """Finds responses whose text has come to contain one of `strings`.
 
-    Only the last few tokens are decoded at each step: a string of L characters ends
-    within the last 4·L tokens, since every token holds at least one byte of UTF-8.
+    A string that is a whole added token of the tokenizer (`<|im_end|>`) is matched by its
+    id (`token_ids`), with no decoding. For the others only the last few tokens are decoded
+    at each step, special tokens written out: a string of L characters ends within the
+    last 4·L tokens, since every token holds at least one byte of UTF-8.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, strings: Sequence[str]) -> None:
         self.tokenizer = tokenizer
-        self.strings = tuple(s for s in strings if s)
+        added = tokenizer.get_added_vocab()  # token text -> id
+        self.token_ids = sorted({added[s] for s in strings if s in added})
+        self.strings = tuple(s for s in strings if s and s not in added)
         self.window = 4 * max((len(s) for s in self.strings), default=0)
 
     def __bool__(self) -> bool:
@@ -295,12 +298,13 @@ def generate_rollout(
     """
     device = str(next(model.parameters()).device)
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
+    stops = StopStrings(tokenizer, stop_strings)
     with routing.record() if routing else contextlib.nullcontext() as recorded:
         sampled = sample_with_logprobs(
             model, prompt_ids, prompt_mask, max_new_tokens,
-            eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=stop_token_ids(model, tokenizer) + stops.token_ids, pad_token_id=tokenizer.pad_token_id,
             temperature=temperature, generator=generator, still_running=still_running,
-            top_p=top_p, top_k=top_k, stop_strings=StopStrings(tokenizer, stop_strings),
+            top_p=top_p, top_k=top_k, stop_strings=stops,
         )
     routes = None if recorded is None else sampler_routes(recorded, len(prompts), sampled.tokens.shape[1])
     return Rollout(
