@@ -12,13 +12,15 @@ What it copies from Qwen3 Base checkpoints (Qwen/Qwen3-0.6B-Base, Qwen3-30B-A3B-
 - generation_config.json with `eos_token_id: [<|im_end|>, <|endoftext|>]`, as Qwen3's chat
   checkpoints ship it: the model ends its turn with `<|im_end|>`, not with the tokenizer's eos.
 
-`fine_tuned_checkpoint` teaches it, with the warm start's teacher forcing, to answer one-digit
-sums and then end its turn with `<|im_end|>`, until it is right about half of the time.
+`fine_tuned_checkpoint` teaches it, with the warm start's teacher forcing (`supervised_batch`),
+to answer one-digit sums and end its turn with `<|im_end|>`, then open the next turn as chat
+data does: unless `<|im_end|>` stops it, it keeps talking, and its answer no longer matches.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import re
 from pathlib import Path
 
@@ -27,11 +29,13 @@ from transformers import GenerationConfig, Qwen2Tokenizer
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 from gspo_cli.config import TaskConfig, TinyModelSpec, WarmStartConfig
-from gspo_cli.data.tasks import build_task
+from gspo_cli.data.tasks import Problem, build_task
 from gspo_cli.models.build import build_tiny_model
 from gspo_cli.models.loading import load_model, load_tokenizer
 from gspo_cli.models.storage import write_dir_atomically
-from gspo_cli.train.warmstart import warm_start
+from gspo_cli.rollout.evaluation import greedy_eval
+from gspo_cli.rollout.scoring import positions_from_mask
+from gspo_cli.train.warmstart import supervised_batch
 
 END_OF_TEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 THINK, END_THINK = "<think>", "</think>"
@@ -56,8 +60,7 @@ TASK = TaskConfig(max_operand=9, num_eval=20, chat_template=True)
 SPEC = TinyModelSpec(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                      head_dim=16, intermediate_size=64, num_experts=4, num_experts_per_tok=2,
                      moe_intermediate_size=32, max_position_embeddings=256)
-WARM_START = WarmStartConfig(enabled=True, target_accuracy=0.5, max_steps=400, check_every=25, batch_size=64,
-                             lr=1e-2, seed=0)
+WARM_START = WarmStartConfig(target_accuracy=0.5, max_steps=400, check_every=25, batch_size=64, lr=1e-2)
 VERSION = 1  # bump when the checkpoint changes, to invalidate caches
 
 
@@ -115,28 +118,56 @@ def base_checkpoint(cache_dir: Path) -> Path:
     return write_dir_atomically(target, write_checkpoint)
 
 
-def fine_tuned_checkpoint(cache_dir: Path, log=print) -> Path:
-    """The checkpoint after teacher forcing on chat-formatted sums, written once into `cache_dir`.
+def fine_tune(model, base: Path, log) -> None:
+    """Teacher forcing on `answer<|im_end|>\n<|im_start|>` until greedy accuracy on the training
+    prompts reaches `WARM_START.target_accuracy` (see `fine_tuned_checkpoint`)."""
+    tokenizer, target_tokenizer, probe_tokenizer = load_tokenizer(base), load_tokenizer(base), load_tokenizer(base)
+    target_tokenizer.eos_token, probe_tokenizer.eos_token = IM_START, IM_END  # what supervised_batch appends / stops at
+    task = build_task(TASK).for_tokenizer(tokenizer)
+    targets = [Problem(p.prompt, f"{p.answer}{IM_END}\n") for p in task.train]  # then <|im_start|>
+    rng = random.Random(WARM_START.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=WARM_START.lr)
+    model.train()
+    for step in range(1, WARM_START.max_steps + 1):
+        ids, mask, labels = supervised_batch(target_tokenizer, rng.sample(targets, WARM_START.batch_size))
+        loss = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % WARM_START.check_every == 0:
+            accuracy = greedy_eval(model, probe_tokenizer, task, task.train, 4)[0]["eval/accuracy"]
+            log(f"real-layout checkpoint: step {step}, loss {loss.item():.3f}, train accuracy {accuracy:.2f}")
+            if accuracy >= WARM_START.target_accuracy:
+                return
 
-    The tokenizer it trains with is a copy whose eos is `<|im_end|>` (as in Qwen3's chat
-    tokenizers), so the warm start's targets end `answer<|im_end|>` and its greedy probe stops
-    there whatever the sampler's handling of generation_config.json; the saved tokenizer keeps
-    the Base layout (eos `<|endoftext|>`).
+
+def fine_tuned_checkpoint(cache_dir: Path, log=print) -> Path:
+    """The checkpoint after teacher forcing on chat-formatted sums, written once into `cache_dir`:
+    stopped once it answers about half of the training prompts right.
+
+    The targets are `answer<|im_end|>\n<|im_start|>`, as in chat data where the next turn
+    follows (`supervised_batch` appends the eos of a tokenizer copy whose eos is `<|im_start|>`):
+    what comes after that was never taught, so a model nothing stops at `<|im_end|>` keeps
+    writing turns of noise, as real checkpoints keep writing turns. Accuracy is measured
+    greedily with a copy whose eos is `<|im_end|>` (as in Qwen3's chat tokenizers), so the
+    probe stops there whatever the sampler makes of generation_config.json. The saved
+    tokenizer keeps the Base layout (eos `<|endoftext|>`).
     """
     target = cache_dir / "real-layout" / f"fine-tuned-v{VERSION}"
     if (target / "config.json").exists():
         return target
     base = base_checkpoint(cache_dir)
     torch.manual_seed(WARM_START.seed)
-    model, tokenizer = load_model(base, experts_implementation="default", fused_rms_norm=False), load_tokenizer(base)
-    chat_tokenizer = load_tokenizer(base)
-    chat_tokenizer.eos_token = IM_END
-    task = build_task(TASK).for_tokenizer(tokenizer)
-    summary = warm_start(model, chat_tokenizer, task, WARM_START, max_new_tokens=4, log=log)
-    log(f"real-layout checkpoint: {summary}")
+    model = load_model(base, experts_implementation="default", fused_rms_norm=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small trains fastest on one thread, ~10x faster on a busy machine
+    try:
+        fine_tune(model, base, log)
+    finally:
+        torch.set_num_threads(threads)
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        load_tokenizer(base).save_pretrained(tmp)
 
     return write_dir_atomically(target, write)

@@ -9,6 +9,7 @@ from gspo_cli.config import TaskConfig
 from gspo_cli.data.files import TaskFileError
 from gspo_cli.data.tasks import build_task
 from gspo_cli.models.build import build_char_tokenizer
+from gspo_cli.models.loading import load_tokenizer
 
 GSM8K_ROWS = [
     {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3 + 4 = 7\n#### 7"},
@@ -111,23 +112,26 @@ def test_file_errors_name_the_file_and_the_choices(tmp_path):
         build_task(TaskConfig(template="Question:"))
 
 
-def test_chat_template_wraps_prompts_after_the_tokenizer_is_known(tmp_path):
-    # The character tokenizer stands in for a chat model's: same `apply_chat_template` interface.
-    tokenizer = build_char_tokenizer()
-    tokenizer.chat_template = (
-        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-        "{% if enable_thinking is defined and not enable_thinking %}/no_think\n{% endif %}"
-        "{% if add_generation_prompt %}<assistant>{% endif %}")
+def test_chat_template_wraps_prompts_after_the_tokenizer_is_known(tmp_path, real_base_dir):
+    # The tokenizer of a checkpoint laid out like Qwen3's, with Qwen3's chat template for plain
+    # messages (`tests/real_checkpoint.py`), loaded with `from_pretrained` as a run loads it.
+    tokenizer = load_tokenizer(real_base_dir)
     path = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}])
     cfg = TaskConfig(name="jsonl", path=str(path), eval_path=str(path), template="Q: {prompt}", chat_template=True,
                      system_prompt="Be brief.", chat_template_kwargs={"enable_thinking": False})
     task = build_task(cfg)
     assert task.train[0].prompt == "Q: 1+1="  # plain text until the tokenizer is loaded
     chat = task.for_tokenizer(tokenizer)
-    assert chat.train[0].prompt == "<system>Be brief.\n<user>Q: 1+1=\n/no_think\n<assistant>"
-    assert chat.eval[1].prompt == "<system>Be brief.\n<user>Q: 2+2=\n/no_think\n<assistant>"
+    # Qwen3's layout; enable_thinking=false closes an empty think block after the generation prompt.
+    turns = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ: {}<|im_end|>\n"
+    reply = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert chat.train[0].prompt == turns.format("1+1=") + reply
+    assert chat.eval[1].prompt == turns.format("2+2=") + reply
     assert chat.for_tokenizer(tokenizer) is chat  # applied once
     assert build_task(TaskConfig()).for_tokenizer(tokenizer).train[0].prompt == "21+40="  # off by default
+    # Special tokens stay single tokens in the encoded prompt.
+    ids = tokenizer(chat.train[0].prompt, add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids)[:2] == ["<|im_start|>", "system"]
     with pytest.raises(ValueError, match="no chat template"):
         task.for_tokenizer(build_char_tokenizer())
 
@@ -142,3 +146,4 @@ def test_custom_reward_by_import_path_from_the_command_line(tmp_path, monkeypatc
     assert task.reward("so 12", "12") == 1.0 and task.reward("12 so", "12") == 0.0
     rewards, metrics = task.score(["x 7", "7 x"], ["7", "7"])
     assert rewards == [1.0, 0.0] and metrics["reward/ends_in_answer/mean"] == 0.5
+
