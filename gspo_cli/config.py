@@ -223,6 +223,8 @@ class TrainerConfig:
     """Resumable checkpoints kept; older ones are deleted."""
     max_bad_steps: int = 3
     """Stop after this many steps in a row whose every update was skipped as non-finite."""
+    no_signal_warn_steps: int = 5
+    """Warn once when every group's rewards were equal (no gradient) this many steps in a row; 0: off."""
 
 
 @dataclass

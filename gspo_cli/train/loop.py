@@ -39,7 +39,7 @@ from gspo_cli.train.checkpoint import (
     set_rng_state,
 )
 from gspo_cli.train.distributed import DistEnv, barrier, init_distributed, shutdown, unwrap, wrap_model
-from gspo_cli.train.guards import BadStepCounter, CollapseMonitor, TrainingDiverged
+from gspo_cli.train.guards import BadStepCounter, CollapseMonitor, NoSignalMonitor, TrainingDiverged
 from gspo_cli.train.host import configure_host
 from gspo_cli.train.precision import autocast
 from gspo_cli.train.steps import (
@@ -256,6 +256,7 @@ def loop_steps(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, state:
     checkpoint = lambda: save_resumable(cfg, run_dir, policy, ctx, state, logger)  # noqa: E731
     stop = install_stop_signals()
     bad_steps, collapse = BadStepCounter(tc.max_bad_steps), CollapseMonitor()
+    no_signal = NoSignalMonitor(tc.no_signal_warn_steps)
     record: dict[str, Any] = {}
     for step in range(state.step, tc.max_steps + 1):
         eval_metrics = {}
@@ -286,6 +287,9 @@ def loop_steps(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, state:
         logger.log(record, step)
 
         warning = collapse.update(record["reward/mean"], record["entropy"])
+        if warning:
+            logger.print(warning)
+        warning = no_signal.update(batch.rewards, tc.group_size, record)
         if warning:
             logger.print(warning)
         if bad_steps.update(int(update_metrics["faults/skipped_steps"]), tc.num_minibatches * tc.ppo_epochs):
