@@ -111,13 +111,17 @@ class TaskConfig:
     seed: int = 1234
     """Seed of the train/held-out split (fixed, so runs with different seeds share it)."""
     path: Optional[str] = None
-    """File tasks: a JSONL/JSON file, a Parquet file or a `save_to_disk` directory."""
+    """File tasks: a JSONL/JSON file, a Parquet file, a `save_to_disk` directory, a data set
+    repository on disk, or a Hugging Face hub id such as `openai/gsm8k` (`datasets.load_dataset`)."""
+    config_name: Optional[str] = None
+    """File tasks read with `load_dataset` (hub ids, repositories on disk): the configuration
+    (subset) to load, e.g. `main` for openai/gsm8k; unset: the data set's default."""
     split: str = "train"
-    """File tasks: the split to train on when `path` is a saved `DatasetDict`."""
+    """File tasks: the split to train on when `path` holds several (a saved `DatasetDict`, a hub data set)."""
     eval_path: Optional[str] = None
     """File tasks: a separate evaluation set; unset holds out `num_eval` prompts of `path`."""
     eval_split: Optional[str] = None
-    """File tasks: evaluate on this split of the saved `DatasetDict` (at `eval_path`, else `path`)."""
+    """File tasks: evaluate on this split of `eval_path`, else of `path` (a `DatasetDict`, a hub data set)."""
     prompt_key: str = "prompt"
     """File tasks: the field holding the prompt."""
     answer_key: str = "answer"

@@ -147,3 +147,67 @@ def test_custom_reward_by_import_path_from_the_command_line(tmp_path, monkeypatc
     rewards, metrics = task.score(["x 7", "7 x"], ["7", "7"])
     assert rewards == [1.0, 0.0] and metrics["reward/ends_in_answer/mean"] == 0.5
 
+
+# ---------------------------------------------------------------------------- data sets by hub id
+
+
+def write_hub_layout(root, splits: dict[str, list[dict]], config: str = "main"):
+    """A directory laid out like openai/gsm8k's hub repository: `main/<split>-00000-of-00001.parquet`
+    per split and a README whose YAML header declares the configuration."""
+    import datasets
+
+    (root / config).mkdir(parents=True)
+    for split, rows in splits.items():
+        datasets.Dataset.from_list(rows).to_parquet(str(root / config / f"{split}-00000-of-00001.parquet"))
+    files = "".join(f"  - split: {split}\n    path: {config}/{split}-*\n" for split in splits)
+    (root / "README.md").write_text(f"---\nconfigs:\n- config_name: {config}\n  data_files:\n{files}---\n")
+    return root
+
+
+@pytest.fixture
+def offline_datasets(tmp_path, monkeypatch):
+    """`datasets` offline, its cache in a temporary folder."""
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read from the environment at import
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+
+
+def test_a_data_set_repository_loads_through_load_dataset(tmp_path, offline_datasets):
+    repo = write_hub_layout(tmp_path / "gsm8k", {"train": GSM8K_ROWS[:3], "test": GSM8K_ROWS[3:]})
+    cfg = compose_train(["task=gsm8k", f"task.path={repo}", "task.config_name=main", "task.eval_split=test"]).task
+    task = build_task(cfg)
+    assert [p.answer for p in task.train] == ["7", "12", "7"] and [p.answer for p in task.eval] == ["1,001", "4.5"]
+    assert task.train[0].prompt.startswith(GSM8K_ROWS[0]["question"])
+    with pytest.raises(TaskFileError, match=r"load_dataset\(name='main', split='validation'\) failed .*Unknown split"):
+        build_task(TaskConfig(name="gsm8k", path=str(repo), config_name="main", split="validation",
+                              prompt_key="question"))
+    with pytest.raises(TaskFileError, match=r"BuilderConfig 'socratic' not found"):
+        build_task(TaskConfig(name="gsm8k", path=str(repo), config_name="socratic", prompt_key="question"))
+
+
+def test_a_hub_id_goes_to_load_dataset_with_its_config_and_splits(tmp_path, offline_datasets, monkeypatch):
+    import datasets
+
+    repo = write_hub_layout(tmp_path / "gsm8k", {"train": GSM8K_ROWS[:3], "test": GSM8K_ROWS[3:]})
+    calls, load_dataset = [], datasets.load_dataset
+
+    def from_the_local_copy(path, name=None, split=None):  # stands in for the hub, offline
+        calls.append((path, name, split))
+        return load_dataset(str(repo) if path == "openai/gsm8k" else path, name=name, split=split)
+
+    monkeypatch.setattr(datasets, "load_dataset", from_the_local_copy)
+    cfg = compose_train(["task=gsm8k", "task.path=openai/gsm8k", "task.config_name=main", "task.eval_split=test"]).task
+    task = build_task(cfg)
+    assert calls == [("openai/gsm8k", "main", "train"), ("openai/gsm8k", "main", "test")]
+    assert (len(task.train), len(task.eval)) == (3, 2)
+    assert task.eval[0].answer == "1,001"
+    # Unreachable offline: one line naming the data set, what was asked and why.
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(TaskFileError, match=r"^nobody/nothing: datasets.load_dataset\(name=None, split='train'\) failed"):
+        build_task(TaskConfig(name="jsonl", path="nobody/nothing"))
+    # A relative file name that does not exist is not taken for a hub id.
+    with pytest.raises(TaskFileError, match="data/missing.jsonl: no such file or directory"):
+        build_task(TaskConfig(name="jsonl", path="data/missing.jsonl"))
