@@ -120,13 +120,17 @@ class TaskConfig:
     seed: int = 1234
     """Seed of the train/held-out split (fixed, so runs with different seeds share it)."""
     path: Optional[str] = None
-    """File tasks: a JSONL/JSON file, a Parquet file or a `save_to_disk` directory."""
+    """File tasks: a JSONL/JSON file, a Parquet file, a `save_to_disk` directory, a data set
+    repository on disk, or a Hugging Face hub id such as `openai/gsm8k` (`datasets.load_dataset`)."""
+    config_name: Optional[str] = None
+    """File tasks read with `load_dataset` (hub ids, repositories on disk): the configuration
+    (subset) to load, e.g. `main` for openai/gsm8k; unset: the data set's default."""
     split: str = "train"
-    """File tasks: the split to train on when `path` is a saved `DatasetDict`."""
+    """File tasks: the split to train on when `path` holds several (a saved `DatasetDict`, a hub data set)."""
     eval_path: Optional[str] = None
     """File tasks: a separate evaluation set; unset holds out `num_eval` prompts of `path`."""
     eval_split: Optional[str] = None
-    """File tasks: evaluate on this split of the saved `DatasetDict` (at `eval_path`, else `path`)."""
+    """File tasks: evaluate on this split of `eval_path`, else of `path` (a `DatasetDict`, a hub data set)."""
     prompt_key: str = "prompt"
     """File tasks: the field holding the prompt."""
     answer_key: str = "answer"
@@ -177,6 +181,8 @@ class AlgoConfig:
     """C of `rollout_correction`."""
     tis_cap: Optional[float] = None
     """Shorthand kept from earlier versions: `tis_cap=C` is rollout_correction=tis-token with cap C."""
+    mask_truncated: bool = False
+    """Leave responses cut off at `trainer.max_new_tokens` out of the loss (DAPO's overlong filtering)."""
     dynamic_sampling: bool = False
     """Drop groups whose rewards are all equal and refill the batch from new prompts (DAPO)."""
     max_refill_rounds: int = 4
@@ -225,6 +231,15 @@ class TrainerConfig:
     """Longest response."""
     temperature: float = 1.0
     """Sampling temperature of rollouts (log-probabilities use the same)."""
+    top_p: float = 1.0
+    """Nucleus sampling of rollouts: draw from the most likely tokens holding this much probability
+    (1.0: off). The sampler's log-probabilities are then those of the truncated distribution,
+    the trainer's of the full one: the rollout is off-policy (docs/algorithms.md)."""
+    top_k: int = 0
+    """Draw rollouts from the k most likely tokens only (0: off); off-policy like `top_p`."""
+    stop_strings: list[str] = field(default_factory=list)
+    """End a response once its text contains one of these (kept in the response), besides the
+    model's stop tokens (generation_config.json's `eos_token_id` and the tokenizer's eos)."""
     lr: float = 1e-4
     """AdamW learning rate."""
     weight_decay: float = 0.0
@@ -245,6 +260,8 @@ class TrainerConfig:
     """Resumable checkpoints kept; older ones are deleted."""
     max_bad_steps: int = 3
     """Stop after this many steps in a row whose every update was skipped as non-finite."""
+    no_signal_warn_steps: int = 5
+    """Warn once when every group's rewards were equal (no gradient) this many steps in a row; 0: off."""
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny built model in a per-session cache, W&B offline in temp folders."""
+"""Shared fixtures: a tiny built model and a tiny checkpoint laid out like Qwen3's in a per-session
+cache, W&B offline in temp folders."""
 
 from __future__ import annotations
 
@@ -35,6 +36,23 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(cache_dir) -> Path:
     return built_model_dir(ModelConfig(name="test-moe", build=TEST_SPEC), cache_dir)
+
+
+@pytest.fixture(scope="session")
+def real_checkpoint_dir(cache_dir) -> Path:
+    """A tiny Qwen3-MoE checkpoint laid out like Qwen3's (`tests/real_checkpoint.py`), fine-tuned
+    to answer one-digit sums in its chat template and end its turn with `<|im_end|>`."""
+    from real_checkpoint import fine_tuned_checkpoint
+
+    return fine_tuned_checkpoint(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def real_base_dir(cache_dir) -> Path:
+    """The same checkpoint before fine-tuning (random weights)."""
+    from real_checkpoint import base_checkpoint
+
+    return base_checkpoint(cache_dir)
 
 
 @pytest.fixture

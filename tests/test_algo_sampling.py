@@ -19,7 +19,8 @@ def make_rollout(tag: int, n: int, P: int, T: int) -> Rollout:
         input_ids=torch.cat([prompt, response], 1), attention_mask=torch.ones(n, P + T, dtype=torch.long),
         response_mask=torch.ones(n, T), completions=[f"{tag}-{i}" for i in range(n)],
         logp=torch.full((n, T), -float(tag)), entropy=torch.ones(n, T),
-        routes=[torch.full((n, P + T, 2), tag)])  # one MoE layer, top-2
+        routes=[torch.full((n, P + T, 2), tag)],  # one MoE layer, top-2
+        truncated=torch.arange(n) % 2 == tag % 2)  # every other row cut at max_new_tokens
 
 
 def test_informative_groups():
@@ -39,7 +40,9 @@ def test_concat_pads_prompts_left_and_responses_right():
     assert both.response_mask[2].tolist() == [1.0, 0.0, 0.0]
     assert both.logp[2].tolist() == [-2.0, 0.0, 0.0]
     assert both.completions == ["1-0", "1-1", "2-0"]
+    assert both.truncated.tolist() == [False, True, True]  # a's rows 0, 1, then b's row 0
     assert rollout_rows(both, torch.tensor([2])).completions == ["2-0"]
+    assert rollout_rows(both, torch.tensor([1, 0])).truncated.tolist() == [True, False]
     # Routes are padded like the tokens, with the valid experts (0, 1) on padding.
     routes = both.routes[0]
     assert routes.shape == (3, 7, 2)

@@ -136,6 +136,8 @@ def test_rollout_log_probs_as_pi_old(tmp_path, cache_dir, monkeypatch):
     (["hardware.precision=bf16"], "recompute"),  # the KV-cache path rounds differently under bf16
     (["model.dtype=bfloat16"], "recompute"),
     (["algo.tis_cap=2.0"], "recompute"),  # TIS corrects a recomputed π_old
+    (["trainer.top_p=0.9"], "recompute"),  # the sampler reports the truncated distribution's numbers
+    (["trainer.top_k=5"], "recompute"),
     (["algo.old_logp=rollout", "hardware.precision=bf16"], "rollout"),  # an explicit choice stands
 ])
 def test_auto_old_logp_uses_the_sampler_only_when_it_computes_like_the_trainer(cache_dir, overrides, source):

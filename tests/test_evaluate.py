@@ -1,4 +1,5 @@
-"""k-sample metrics against brute force and hand-worked cases; `gspo eval` on real checkpoints."""
+"""k-sample metrics against brute force and hand-worked cases; `gspo eval` on checkpoints laid out
+like Qwen3's (`tests/real_checkpoint.py`) and on the warm-started test model."""
 
 import itertools
 import json
@@ -111,20 +112,23 @@ def test_eval_config_composes_with_its_defaults():
     assert (cfg.eval.k, cfg.eval.n, cfg.eval.max_new_tokens, cfg.task.name) == (8, None, 8, "arithmetic")
 
 
-def test_greedy_sampling_makes_every_k_metric_equal_greedy_accuracy(tmp_path, warm_model_dir, tiny_model_dir):
-    # At temperature 0 all n samples are the greedy response, so mean@k = pass@k = maj@k = accuracy:
-    # a check that samples are grouped per problem and scored against the right answers.
-    cfg = compose_eval([f"checkpoint=[{warm_model_dir},{tiny_model_dir}]", "task.max_operand=9",
-                        "task.num_eval=20", "eval.k=3", "eval.n=4", "eval.temperature=0",
-                        "eval.max_new_tokens=4", "logger=none"])
+def test_greedy_sampling_makes_every_k_metric_equal_greedy_accuracy(tmp_path, real_checkpoint_dir, real_base_dir):
+    # Checkpoints laid out like Qwen3's, prompted through their chat template; responses end at
+    # <|im_end|> (their generation config's end token). At temperature 0 all n samples are the
+    # greedy response, so mean@k = pass@k = maj@k = accuracy: a check that samples are grouped
+    # per problem and scored against the right answers.
+    cfg = compose_eval([f"checkpoint=[{real_checkpoint_dir},{real_base_dir}]", "task.max_operand=9",
+                        "task.num_eval=20", "task.chat_template=true", "eval.k=3", "eval.n=4", "eval.temperature=0",
+                        "eval.max_new_tokens=12", "logger=none"])
     results = run_eval(cfg, tmp_path)
-    warm = results[0]["metrics"]
-    assert 0 < warm["eval/accuracy"] < 1  # the warm start is right some of the time
+    tuned = results[0]["metrics"]
+    assert 0 < tuned["eval/accuracy"] < 1  # the fine-tuned checkpoint is right some of the time
+    assert tuned["eval/response_length"] <= 3  # one or two digits, then <|im_end|>
     for name in ("eval/mean@3", "eval/pass@3", "eval/maj@3"):
-        assert warm[name] == pytest.approx(warm["eval/accuracy"]), name
-    assert warm["eval/sample_response_length"] == pytest.approx(warm["eval/response_length"])
+        assert tuned[name] == pytest.approx(tuned["eval/accuracy"]), name
+    assert tuned["eval/sample_response_length"] == pytest.approx(tuned["eval/response_length"])
     saved = json.loads((tmp_path / "eval.json").read_text())
-    assert [r["checkpoint"] for r in saved["results"]] == [str(warm_model_dir), str(tiny_model_dir)]
+    assert [r["checkpoint"] for r in saved["results"]] == [str(real_checkpoint_dir), str(real_base_dir)]
     assert saved["num_problems"] == 20
 
 

@@ -1,6 +1,8 @@
-"""Numeric guards: bad-step counting and collapse warnings."""
+"""Guards: bad-step counting, collapse warnings, and the warning of runs without learning signal."""
 
-from gspo_cli.train.guards import BadStepCounter, CollapseMonitor
+import torch
+
+from gspo_cli.train.guards import BadStepCounter, CollapseMonitor, NoSignalMonitor
 
 
 def test_bad_steps_must_be_in_a_row():
@@ -92,3 +94,55 @@ def test_one_nan_minibatch_is_skipped_counted_and_training_goes_on(tmp_path, cac
     # The step's averages are those of its three applied mini-batches: no NaN leaks into them.
     assert all(math.isfinite(r[name]) for r in records[:3] for name in ("loss", "grad_norm", "clip/fraction"))
     assert (tmp_path / "checkpoints" / "final" / "config.json").exists()
+
+
+def signal_record(reward_mean: float, truncated_fraction: float) -> dict[str, float]:
+    return {"reward/mean": reward_mean, "response/truncated_fraction": truncated_fraction}
+
+
+def test_no_signal_warns_once_after_enough_steps_in_a_row():
+    # G = 2. flat: groups (0, 0) and (1, 1), equal within each group, so every advantage is 0.
+    flat, mixed = torch.tensor([0.0, 0.0, 1.0, 1.0]), torch.tensor([0.0, 1.0, 1.0, 1.0])
+    monitor = NoSignalMonitor(steps=3)
+    assert monitor.update(flat, 2, signal_record(0.5, 0.0)) is None
+    assert monitor.update(flat, 2, signal_record(0.5, 0.0)) is None
+    assert monitor.update(mixed, 2, signal_record(0.75, 0.0)) is None  # one group with signal: count again
+    assert monitor.update(flat, 2, signal_record(0.5, 0.0)) is None
+    assert monitor.update(flat, 2, signal_record(0.5, 0.0)) is None
+    message = monitor.update(flat, 2, signal_record(0.5, 0.0))
+    assert message.startswith("warning: no learning signal for 3 steps in a row") and "cannot learn" in message
+    assert "reward does not tell a prompt's responses apart (reward mean 0.5)" in message
+    assert monitor.update(flat, 2, signal_record(0.5, 0.0)) is None  # once per run
+    off = NoSignalMonitor(steps=0)
+    assert all(off.update(flat, 2, signal_record(0.5, 0.0)) is None for _ in range(10))
+
+
+def test_no_signal_names_the_causes_the_numbers_point_to():
+    zeros, ones = torch.zeros(8), torch.ones(8)
+    # Truncated responses that never match: both causes, with the observed numbers.
+    monitor = NoSignalMonitor(steps=2)
+    monitor.update(zeros, 4, signal_record(0.0, 1.0))
+    message = monitor.update(zeros, 4, signal_record(0.0, 0.9))
+    assert "responses are cut at trainer.max_new_tokens before any stop token (truncated fraction 0.95)" in message
+    assert "the reward never matches (reward mean 0)" in message
+    # Every response right and none cut: the task is too easy; truncation is not blamed.
+    monitor = NoSignalMonitor(steps=2)
+    monitor.update(ones, 4, signal_record(1.0, 0.0))
+    message = monitor.update(ones, 4, signal_record(1.0, 0.1))
+    assert "every response is already right (reward mean 1)" in message and "truncated fraction 0.05" in message
+    assert "cut at" not in message and "never matches" not in message
+
+
+def test_a_run_whose_reward_is_always_zero_warns_once(tmp_path, cache_dir, capsys):
+    from conftest import compose_train
+    from test_train import small_overrides
+
+    from gspo_cli.train.loop import train
+
+    # The test model without its warm start: random weights, never the right sum.
+    cfg = compose_train(small_overrides(cache_dir, steps=3) + ["logger=none", "model.warm_start.enabled=false",
+                                                                "trainer.no_signal_warn_steps=2"])
+    train(cfg, tmp_path)
+    out = capsys.readouterr().out
+    assert out.count("no learning signal") == 1, out
+    assert "no learning signal for 2 steps in a row" in out and "the reward never matches (reward mean 0)" in out

@@ -91,7 +91,7 @@ def test_sampler_matches_the_reference_token_for_token(tiny_model):
 def test_entropy_of_the_sampler_is_that_of_its_distribution(tiny_model):
     model, tokenizer = tiny_model
     ids, mask = encode_prompts(tokenizer, ["1+2=", "40+59="], "cpu")
-    _, m, _, entropy = sample_with_logprobs(model, ids, mask, 1, tokenizer.eos_token_id, tokenizer.pad_token_id,
+    _, m, _, entropy, _ = sample_with_logprobs(model, ids, mask, 1, tokenizer.eos_token_id, tokenizer.pad_token_id,
                                             0.5, torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits[:, -1]

@@ -194,3 +194,28 @@ def test_the_trainer_updates_each_response_with_its_own_reward(tmp_path, cache_d
     before = sequence_logp(policy, batch.rollout)
     sgd_update(policy, batch, ctx, lr=0.01)
     assert_moved_with_the_advantages(sequence_logp(policy, batch.rollout) - before, advantages)
+
+
+def test_mask_truncated_leaves_cut_off_responses_out_of_the_loss(tmp_path, cache_dir, monkeypatch):
+    """algo.mask_truncated=true: the loss sees no token of a response still running at
+    trainer.max_new_tokens (here 2 tokens: the tiny model's answers are longer), and the rows
+    that ended keep all theirs."""
+    import dataclasses
+
+    cfg = compose_train(small_overrides(cache_dir) + ["algo.mask_truncated=true", "trainer.num_minibatches=1"])
+    policy, tokenizer, task, state = setup(cfg, tmp_path, DistEnv(), print)  # warm start at 4 tokens
+    # Rollouts of 2 tokens: one-digit answers end ("7" + EOS), two-digit ones are cut off.
+    cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_new_tokens=2))
+    ctx = make_context(cfg, policy, tokenizer, task, DistEnv(), state)
+    batch, _ = steps.collect_rollout(policy, ctx, state.stream)
+    truncated = batch.rollout.truncated
+    assert truncated.any() and not truncated.all()
+    seen, original_loss = [], update.minibatch_loss
+    monkeypatch.setattr(update, "minibatch_loss", lambda logp, old_logp, b, idx, c, n: seen.append(
+        (idx, b.loss_tokens(idx), n)) or original_loss(logp, old_logp, b, idx, c, n))
+    update.update_policy(policy, state.optimizer, state.scheduler, batch, ctx)
+    (indices, mask, counts), = seen
+    assert (mask[truncated[indices]] == 0).all()
+    ended = ~truncated[indices]
+    assert torch.equal(mask[ended], batch.rollout.response_mask[indices][ended])
+    assert counts[0].item() == mask.sum().item()  # the loss is normalised by the kept tokens only

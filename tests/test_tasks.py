@@ -9,6 +9,7 @@ from gspo_cli.config import TaskConfig
 from gspo_cli.data.files import TaskFileError
 from gspo_cli.data.tasks import build_task
 from gspo_cli.models.build import build_char_tokenizer
+from gspo_cli.models.loading import load_tokenizer
 
 GSM8K_ROWS = [
     {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3 + 4 = 7\n#### 7"},
@@ -111,23 +112,26 @@ def test_file_errors_name_the_file_and_the_choices(tmp_path):
         build_task(TaskConfig(template="Question:"))
 
 
-def test_chat_template_wraps_prompts_after_the_tokenizer_is_known(tmp_path):
-    # The character tokenizer stands in for a chat model's: same `apply_chat_template` interface.
-    tokenizer = build_char_tokenizer()
-    tokenizer.chat_template = (
-        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-        "{% if enable_thinking is defined and not enable_thinking %}/no_think\n{% endif %}"
-        "{% if add_generation_prompt %}<assistant>{% endif %}")
+def test_chat_template_wraps_prompts_after_the_tokenizer_is_known(tmp_path, real_base_dir):
+    # The tokenizer of a checkpoint laid out like Qwen3's, with Qwen3's chat template for plain
+    # messages (`tests/real_checkpoint.py`), loaded with `from_pretrained` as a run loads it.
+    tokenizer = load_tokenizer(real_base_dir)
     path = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}])
     cfg = TaskConfig(name="jsonl", path=str(path), eval_path=str(path), template="Q: {prompt}", chat_template=True,
                      system_prompt="Be brief.", chat_template_kwargs={"enable_thinking": False})
     task = build_task(cfg)
     assert task.train[0].prompt == "Q: 1+1="  # plain text until the tokenizer is loaded
     chat = task.for_tokenizer(tokenizer)
-    assert chat.train[0].prompt == "<system>Be brief.\n<user>Q: 1+1=\n/no_think\n<assistant>"
-    assert chat.eval[1].prompt == "<system>Be brief.\n<user>Q: 2+2=\n/no_think\n<assistant>"
+    # Qwen3's layout; enable_thinking=false closes an empty think block after the generation prompt.
+    turns = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ: {}<|im_end|>\n"
+    reply = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert chat.train[0].prompt == turns.format("1+1=") + reply
+    assert chat.eval[1].prompt == turns.format("2+2=") + reply
     assert chat.for_tokenizer(tokenizer) is chat  # applied once
     assert build_task(TaskConfig()).for_tokenizer(tokenizer).train[0].prompt == "21+40="  # off by default
+    # Special tokens stay single tokens in the encoded prompt.
+    ids = tokenizer(chat.train[0].prompt, add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids)[:2] == ["<|im_start|>", "system"]
     with pytest.raises(ValueError, match="no chat template"):
         task.for_tokenizer(build_char_tokenizer())
 
@@ -142,3 +146,68 @@ def test_custom_reward_by_import_path_from_the_command_line(tmp_path, monkeypatc
     assert task.reward("so 12", "12") == 1.0 and task.reward("12 so", "12") == 0.0
     rewards, metrics = task.score(["x 7", "7 x"], ["7", "7"])
     assert rewards == [1.0, 0.0] and metrics["reward/ends_in_answer/mean"] == 0.5
+
+
+# ---------------------------------------------------------------------------- data sets by hub id
+
+
+def write_hub_layout(root, splits: dict[str, list[dict]], config: str = "main"):
+    """A directory laid out like openai/gsm8k's hub repository: `main/<split>-00000-of-00001.parquet`
+    per split and a README whose YAML header declares the configuration."""
+    import datasets
+
+    (root / config).mkdir(parents=True)
+    for split, rows in splits.items():
+        datasets.Dataset.from_list(rows).to_parquet(str(root / config / f"{split}-00000-of-00001.parquet"))
+    files = "".join(f"  - split: {split}\n    path: {config}/{split}-*\n" for split in splits)
+    (root / "README.md").write_text(f"---\nconfigs:\n- config_name: {config}\n  data_files:\n{files}---\n")
+    return root
+
+
+@pytest.fixture
+def offline_datasets(tmp_path, monkeypatch):
+    """`datasets` offline, its cache in a temporary folder."""
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read from the environment at import
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+
+
+def test_a_data_set_repository_loads_through_load_dataset(tmp_path, offline_datasets):
+    repo = write_hub_layout(tmp_path / "gsm8k", {"train": GSM8K_ROWS[:3], "test": GSM8K_ROWS[3:]})
+    cfg = compose_train(["task=gsm8k", f"task.path={repo}", "task.config_name=main", "task.eval_split=test"]).task
+    task = build_task(cfg)
+    assert [p.answer for p in task.train] == ["7", "12", "7"] and [p.answer for p in task.eval] == ["1,001", "4.5"]
+    assert task.train[0].prompt.startswith(GSM8K_ROWS[0]["question"])
+    with pytest.raises(TaskFileError, match=r"load_dataset\(name='main', split='validation'\) failed .*Unknown split"):
+        build_task(TaskConfig(name="gsm8k", path=str(repo), config_name="main", split="validation",
+                              prompt_key="question"))
+    with pytest.raises(TaskFileError, match=r"BuilderConfig 'socratic' not found"):
+        build_task(TaskConfig(name="gsm8k", path=str(repo), config_name="socratic", prompt_key="question"))
+
+
+def test_a_hub_id_goes_to_load_dataset_with_its_config_and_splits(tmp_path, offline_datasets, monkeypatch):
+    import datasets
+
+    repo = write_hub_layout(tmp_path / "gsm8k", {"train": GSM8K_ROWS[:3], "test": GSM8K_ROWS[3:]})
+    calls, load_dataset = [], datasets.load_dataset
+
+    def from_the_local_copy(path, name=None, split=None):  # stands in for the hub, offline
+        calls.append((path, name, split))
+        return load_dataset(str(repo) if path == "openai/gsm8k" else path, name=name, split=split)
+
+    monkeypatch.setattr(datasets, "load_dataset", from_the_local_copy)
+    cfg = compose_train(["task=gsm8k", "task.path=openai/gsm8k", "task.config_name=main", "task.eval_split=test"]).task
+    task = build_task(cfg)
+    assert calls == [("openai/gsm8k", "main", "train"), ("openai/gsm8k", "main", "test")]
+    assert (len(task.train), len(task.eval)) == (3, 2)
+    assert task.eval[0].answer == "1,001"
+    # Unreachable offline: one line naming the data set, what was asked and why.
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(TaskFileError, match=r"^nobody/nothing: datasets.load_dataset\(name=None, split='train'\) failed"):
+        build_task(TaskConfig(name="jsonl", path="nobody/nothing"))
+    # A relative file name that does not exist is not taken for a hub id.
+    with pytest.raises(TaskFileError, match="data/missing.jsonl: no such file or directory"):
+        build_task(TaskConfig(name="jsonl", path="data/missing.jsonl"))

@@ -14,8 +14,8 @@ from gspo_cli.train.loop import resolve_model_path, train
 
 STEP_METRICS = [
     "reward/mean", "reward/std", "clip/fraction", "clip/seq_fraction", "clip/low_fraction",
-    "clip/high_fraction", "ratio/mean", "kl/old_new", "entropy", "response_length/mean", "grad_norm",
-    "lr", "time/step_s", "throughput/tokens_per_s",
+    "clip/high_fraction", "ratio/mean", "kl/old_new", "entropy", "response_length/mean",
+    "response/truncated_fraction", "grad_norm", "lr", "time/step_s", "throughput/tokens_per_s",
 ]
 
 

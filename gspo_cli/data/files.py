@@ -1,17 +1,23 @@
-"""Reading prompt sets from disk with the `datasets` library.
+"""Reading prompt sets with the `datasets` library: from disk, or from the Hugging Face hub.
 
-Accepts a JSON-lines or JSON file, a Parquet file, or a directory written by
-`Dataset.save_to_disk` / `DatasetDict.save_to_disk`. Every error names the file and, where
-one is at fault, the line (JSON) or row (Parquet, saved datasets).
+Accepts a JSON-lines or JSON file, a Parquet file, a directory written by
+`Dataset.save_to_disk` / `DatasetDict.save_to_disk`, and, through `datasets.load_dataset`,
+a hub id such as `openai/gsm8k` or a data set repository on disk (any other directory: its
+splits named by its files, e.g. `main/train-00000-of-00001.parquet`, or by its README's
+`configs`). Every error names the file and, where one is at fault, the line (JSON) or row
+(Parquet, saved datasets).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
+SAVED_MARKERS = ("state.json", "dataset_dict.json")  # what save_to_disk writes (Dataset, DatasetDict)
 
 
 class TaskFileError(ValueError):
@@ -58,14 +64,39 @@ def record_locations(path: Path, count: int) -> list[str]:
     return [f"{path} row {i}" for i in range(1, count + 1)]
 
 
-def load_dataset_file(path: str, split: str = "train"):
-    """Load `path` as a `datasets.Dataset`; a saved `DatasetDict` gives its `split`."""
+def is_hub_id(path: str) -> bool:
+    """`owner/name` that names nothing on disk and does not end like a data file: a hub data set."""
+    location = Path(path).expanduser()
+    return bool(HUB_ID.fullmatch(path)) and not location.exists() and location.suffix.lower() not in SUFFIXES
+
+
+def load_with_load_dataset(path: str, config_name: Optional[str], split: str):
+    """`datasets.load_dataset(path, name=config_name, split=split)`: a hub id, or a data set
+    repository on disk laid out like one (the same code path, so it is tested offline)."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(path, name=config_name, split=split)
+    except Exception as err:  # noqa: BLE001 - not found, offline, unknown split or config: one line
+        reason = " ".join(str(err).split())  # one line: datasets' messages span several
+        raise TaskFileError(f"{path}: datasets.load_dataset(name={config_name!r}, split={split!r}) failed "
+                            f"(task.config_name, task.split): {type(err).__name__}: {reason}") from err
+
+
+def load_dataset_file(path: str, split: str = "train", config_name: Optional[str] = None):
+    """Load `path` as a `datasets.Dataset`: a file, a saved `Dataset`/`DatasetDict` (its
+    `split`), or through `load_dataset` a hub id or a repository directory (its `split` of
+    configuration `config_name`)."""
     import datasets  # imported lazily: pyarrow and pandas cost ~1 s, and arithmetic needs neither
 
     datasets.disable_progress_bars()  # prompt sets are small; bars would garble the run's console
+    if is_hub_id(path):
+        return load_with_load_dataset(path, config_name, split)
     location = Path(path).expanduser()
     if not location.exists():
         raise TaskFileError(f"{location}: no such file or directory")
+    if location.is_dir() and not any((location / marker).exists() for marker in SAVED_MARKERS):
+        return load_with_load_dataset(str(location), config_name, split)  # a data set repository
     if location.is_dir():
         try:
             loaded = datasets.load_from_disk(str(location))
@@ -94,9 +125,9 @@ def load_dataset_file(path: str, split: str = "train"):
         datasets.logging.set_verbosity(verbosity)
 
 
-def read_rows(path: str, split: str, prompt_key: str, answer_key: str) -> list[Row]:
+def read_rows(path: str, split: str, prompt_key: str, answer_key: str, config_name: Optional[str] = None) -> list[Row]:
     """The prompt and answer of every record, checked to be present and non-empty."""
-    dataset = load_dataset_file(path, split)
+    dataset = load_dataset_file(path, split, config_name)
     location = Path(path).expanduser()
     for key, option in ((prompt_key, "task.prompt_key"), (answer_key, "task.answer_key")):
         if key not in dataset.column_names:

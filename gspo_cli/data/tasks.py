@@ -1,7 +1,7 @@
 """Tasks: prompt sets with reference answers, a held-out split, and the reward wiring.
 
 `arithmetic` and `arithmetic-chain` are generated in memory; every other task (`gsm8k`, `math`, `jsonl`, or your
-own `conf/task/*.yaml`) reads `task.path` through `data.files`. Prompts are kept
+own `conf/task/*.yaml`) reads `task.path` (a file, a directory, or a hub id) through `data.files`. Prompts are kept
 as plain text; `Task.for_tokenizer` wraps them in a chat template once the tokenizer is loaded.
 """
 
@@ -164,7 +164,7 @@ def file_problems(cfg: TaskConfig, path: str, split: str) -> list[Problem]:
     """The problems of one file: prompt through `task.template`, reference through `task.answer_extract`."""
     extract = ANSWER_EXTRACTORS[cfg.answer_extract]
     problems = []
-    for row in read_rows(path, split, cfg.prompt_key, cfg.answer_key):
+    for row in read_rows(path, split, cfg.prompt_key, cfg.answer_key, cfg.config_name):
         reference = extract(row.answer)
         if reference is None:
             raise TaskFileError(f"{row.where}: no reference answer in field {cfg.answer_key!r} "
@@ -197,7 +197,7 @@ def build_task(cfg: TaskConfig) -> Task:
                            for part in (train, held_out))
     elif cfg.path is None:
         raise ValueError(f"task={cfg.name} reads its prompts from a file: set task.path= "
-                         "(JSONL, JSON, Parquet or a save_to_disk directory)")
+                         "(JSONL, JSON, Parquet, a save_to_disk directory, or a hub id such as openai/gsm8k)")
     elif cfg.eval_path is not None or cfg.eval_split is not None:
         train = file_problems(cfg, cfg.path, cfg.split)
         held_out = file_problems(cfg, cfg.eval_path or cfg.path, cfg.eval_split or cfg.split)

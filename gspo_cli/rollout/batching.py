@@ -37,7 +37,7 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
     if len(rollouts) == 1:
         return rollouts[0]
     unknown = set(Rollout._fields) - {"input_ids", "attention_mask", "response_mask", "completions", "routes",
-                                      *_TOKEN_FIELDS}
+                                      "truncated", *_TOKEN_FIELDS}
     if unknown:
         raise NotImplementedError(f"concat_rollouts does not know how to pad the Rollout fields {sorted(unknown)}")
     widths = [(r.input_ids.shape[1] - r.response_mask.shape[1], r.response_mask.shape[1]) for r in rollouts]
@@ -60,4 +60,5 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
         completions=[c for r in rollouts for c in r.completions],
         **{name: None if any(v is None for v in values) else torch.cat(values) for name, values in tokens.items()},
         routes=None if any(r is None for r in routes) else [torch.cat(layer) for layer in zip(*routes)],
+        truncated=None if any(r.truncated is None for r in rollouts) else torch.cat([r.truncated for r in rollouts]),
     )

@@ -3,7 +3,7 @@ warm start stops on, and the greedy half of `gspo eval`."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -20,8 +20,10 @@ def greedy_eval(
     problems: list[Problem],
     max_new_tokens: int,
     batch_size: int = 256,
+    stop_strings: Sequence[str] = (),
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Greedy-decode every problem once and score it.
+    """Greedy-decode every problem once (ending at the model's stop tokens and `stop_strings`)
+    and score it.
 
     Returns:
         (metrics, samples): `eval/accuracy` (share of rewards equal to 1), `eval/reward`
@@ -32,7 +34,8 @@ def greedy_eval(
     rewards, lengths, samples = [], [], []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]
-        rollout = generate_rollout(model, tokenizer, [p.prompt for p in chunk], max_new_tokens, temperature=0.0)
+        rollout = generate_rollout(model, tokenizer, [p.prompt for p in chunk], max_new_tokens, temperature=0.0,
+                                   stop_strings=stop_strings)
         lengths.extend(rollout.response_mask.sum(1).tolist())
         for problem, completion in zip(chunk, rollout.completions):
             reward = task.reward(completion, problem.answer)

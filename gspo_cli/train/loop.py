@@ -41,7 +41,7 @@ from gspo_cli.train.checkpoint import (
     set_rng_state,
 )
 from gspo_cli.train.distributed import DistEnv, barrier, init_distributed, shutdown, unwrap, wrap_model
-from gspo_cli.train.guards import BadStepCounter, CollapseMonitor, TrainingDiverged
+from gspo_cli.train.guards import BadStepCounter, CollapseMonitor, NoSignalMonitor, TrainingDiverged
 from gspo_cli.train.host import configure_host
 from gspo_cli.train.precision import autocast
 from gspo_cli.train.steps import (
@@ -279,12 +279,13 @@ def loop_steps(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, state:
     checkpoint = lambda: save_resumable(cfg, run_dir, policy, ctx, state, logger)  # noqa: E731
     stop = install_stop_signals()
     bad_steps, collapse = BadStepCounter(tc.max_bad_steps), CollapseMonitor()
+    no_signal = NoSignalMonitor(tc.no_signal_warn_steps)
     record: dict[str, Any] = {}
     for step in range(state.step, tc.max_steps + 1):
         eval_metrics = {}
         if step % tc.eval_every == 0 or step == tc.max_steps:
             eval_metrics, samples = greedy_eval(unwrap(policy), ctx.tokenizer, ctx.task, ctx.task.eval,
-                                                tc.max_new_tokens, tc.eval_batch_size)
+                                                tc.max_new_tokens, tc.eval_batch_size, stop_strings=tc.stop_strings)
             logger.log_samples(step, samples[:tc.eval_samples_logged])
         if step == tc.max_steps:  # the last record holds only the final evaluation
             record = {**record, **eval_metrics}
@@ -310,6 +311,9 @@ def loop_steps(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, state:
         logger.log(record, step)
 
         warning = collapse.update(record["reward/mean"], record["entropy"])
+        if warning:
+            logger.print(warning)
+        warning = no_signal.update(batch.rewards, tc.group_size, record)
         if warning:
             logger.print(warning)
         if bad_steps.update(int(update_metrics["faults/skipped_steps"]), tc.num_minibatches * tc.ppo_epochs):

@@ -69,6 +69,11 @@ class Batch(NamedTuple):
     order: torch.Tensor  # [N] rows in the first epoch's mini-batch order
     old: OldPolicy  # π_old of every row, or of every row but the first mini-batch's (see update_policy)
     ref_logp: Optional[torch.Tensor] = None  # [N, T] log π_ref, only when algo.kl_coef != 0
+    loss_mask: Optional[torch.Tensor] = None  # [N, T] tokens the loss counts; None: every response token
+
+    def loss_tokens(self, rows: torch.Tensor) -> torch.Tensor:
+        """[n, T] the tokens of `rows` that enter the loss (`algo.mask_truncated` leaves cut-off responses out)."""
+        return (self.rollout.response_mask if self.loss_mask is None else self.loss_mask)[rows]
 
 
 def old_logp_source(cfg: TrainConfig) -> str:
@@ -85,7 +90,8 @@ def old_logp_source(cfg: TrainConfig) -> str:
     if algo.old_logp != "auto":
         return algo.old_logp
     same_numbers = cfg.hardware.precision == "fp32" and cfg.model.dtype == "float32"
-    return "rollout" if same_numbers and rollout_correction(cfg)[0] == "none" else "recompute"
+    full_distribution = cfg.trainer.top_p >= 1.0 and cfg.trainer.top_k == 0  # top-p/k: the sampler's is truncated
+    return "rollout" if same_numbers and full_distribution and rollout_correction(cfg)[0] == "none" else "recompute"
 
 
 def rollout_correction(cfg: TrainConfig) -> tuple[str, float]:
@@ -108,7 +114,8 @@ def sample_and_score(policy, ctx: StepContext, stream: PromptStream,
     size = tc.rollout_batch_size or len(prompts)  # rows whose KV cache exists at once
     rollout = concat_rollouts([
         generate_rollout(policy, ctx.tokenizer, prompts[i:i + size], tc.max_new_tokens, tc.temperature,
-                         ctx.sampling_generator or ctx.generator, ctx.still_running, routing)
+                         ctx.sampling_generator or ctx.generator, ctx.still_running, routing,
+                         top_p=tc.top_p, top_k=tc.top_k, stop_strings=tc.stop_strings)
         for i in range(0, len(prompts), size)], ctx.tokenizer.pad_token_id)
     timings["time/generate_s"] = timings.get("time/generate_s", 0.0) + time.perf_counter() - start
 
@@ -210,17 +217,21 @@ def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Bat
         ref_logp = reference_logprobs(ctx.ref_model, rollout, ctx)
     sampler.train()
     # π_old's entropy is the sampler's: the same distribution, and no further pass is needed for it.
-    return Batch(rollout, rewards, advantages, rollout.entropy, order, old, ref_logp), timings
+    loss_mask = None
+    if algo.mask_truncated and rollout.truncated is not None:  # DAPO's overlong filtering (§3.4)
+        loss_mask = mask * (~rollout.truncated).to(mask.dtype)[:, None]
+    return Batch(rollout, rewards, advantages, rollout.entropy, order, old, ref_logp, loss_mask), timings
 
 
 def rollout_metrics(batch: Batch) -> dict[str, float]:
     """Reward, length and entropy statistics of a rollout batch."""
-    mask = batch.rollout.response_mask
+    mask, truncated = batch.rollout.response_mask, batch.rollout.truncated
     return {
         "reward/mean": batch.rewards.mean().item(),
         "reward/std": batch.rewards.std().item(),
         "response_length/mean": mask.sum(1).mean().item(),
         "entropy": masked_mean(batch.entropy, mask).item(),
+        **({} if truncated is None else {"response/truncated_fraction": truncated.float().mean().item()}),
     }
 
 

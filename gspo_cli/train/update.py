@@ -35,7 +35,7 @@ def minibatch_loss(logp: torch.Tensor, old_logp: torch.Tensor, batch: Batch, ind
             to the loss of the mini-batch, and the gradient averaged by DDP/FSDP is that of
             the loss on the whole global mini-batch.
     """
-    algo, mask = ctx.cfg.algo, batch.rollout.response_mask[indices]
+    algo, mask = ctx.cfg.algo, batch.loss_tokens(indices)
     agg = dict(loss_agg=algo.loss_agg, horizon=ctx.cfg.trainer.max_new_tokens,  # Dr. GRPO's constant
                num_tokens=counts[0].item(), num_seqs=counts[1].item(), num_shards=ctx.env.world_size)
     mode, cap = rollout_correction(ctx.cfg)
@@ -131,7 +131,7 @@ def update_policy(policy, optimizer, scheduler, batch: Batch, ctx: StepContext) 
     for epoch in range(tc.ppo_epochs):
         order = batch.order if epoch == 0 else torch.randperm(num_seqs, generator=ctx.generator)
         for indices in order.chunk(tc.num_minibatches):
-            mask = rollout.response_mask[indices]
+            mask = batch.loss_tokens(indices)
             counts = all_reduce_sum(torch.tensor([mask.sum().item(), float(mask.shape[0])]), ctx.env)
             optimizer.zero_grad(set_to_none=True)
             parts, step_metrics, before = [], {}, []
@@ -149,7 +149,7 @@ def update_policy(policy, optimizer, scheduler, batch: Batch, ctx: StepContext) 
                 loss, metrics = minibatch_loss(logp, old_rows.logp, batch, rows, ctx, counts)
                 with gradient_sync(policy, enabled=j == len(micros) - 1):  # all-reduce once per mini-batch
                     loss.backward()
-                share = rollout.response_mask[rows].sum().item() / max(mask.sum().item(), 1.0)
+                share = batch.loss_tokens(rows).sum().item() / max(mask.sum().item(), 1.0)
                 metrics.update(minibatch_routing_metrics(rollout, rows, routes, old_rows.routes))
                 step_metrics["loss"] = step_metrics.get("loss", 0.0) + loss.item()  # normalised by the mini-batch
                 for name, value in metrics.items():
