@@ -80,7 +80,9 @@ def test_micro_batches_give_the_loss_and_gradient_of_one_pass(tmp_path, cache_di
         return metrics, {k: v.detach().clone() for k, v in policy.state_dict().items()}
 
     (whole, after_whole), (micro, after_micro) = one_step(0), one_step(3)
-    assert micro["loss"] == pytest.approx(whole["loss"], rel=1e-5, abs=1e-8)
+    # The loss is a sum of advantage-weighted terms that nearly cancel (group-centred advantages):
+    # compare it at the scale of its terms; the gradients below are the exact check.
+    assert micro["loss"] == pytest.approx(whole["loss"], rel=1e-5, abs=1e-6)
     assert micro["clip/fraction"] == pytest.approx(whole["clip/fraction"], rel=1e-5, abs=1e-8)  # token-weighted
     moved = [k for k in start if not torch.equal(start[k], after_whole[k])]
     assert moved  # the step did something
