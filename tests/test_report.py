@@ -38,6 +38,20 @@ def test_summarize_records_of_a_finished_and_an_unfinished_run():
     assert not cut["finished"] and cut["final_accuracy"] is None and cut["last_step"] == 1
 
 
+def test_a_run_collapsed_when_it_ends_far_below_its_best_or_its_start():
+    def run(*accuracies):
+        records = [{"step": i, "eval/accuracy": a, "routing/volatility": 0.1 * i} for i, a in enumerate(accuracies)]
+        return summarize_records(records, max_steps=len(accuracies) - 1, target=0.9)
+
+    assert run(0.5, 0.8, 0.7)["collapsed"] is False  # 0.10 below its best: noise, not a collapse
+    assert run(0.5, 0.8, 0.6)["collapsed"] is True  # learned, then lost 0.20
+    assert run(0.5, 0.48, 0.44)["collapsed"] is True  # only lost: 0.06 below its start
+    assert run(0.5, 0.8, 0.6)["start_accuracy"] == 0.5
+    assert run(0.5, 0.8, 0.6)["mean_volatility"] == pytest.approx(0.1)  # (0 + 0.1 + 0.2) / 3
+    unfinished = summarize_records([{"step": 0, "eval/accuracy": 0.5}, {"step": 1}], max_steps=2, target=0.9)
+    assert unfinished["collapsed"] is None
+
+
 def test_grid_expands_like_hydras_basic_sweeper_and_the_command_line_narrows_it():
     params = {"model": "tiny-qwen3-moe", "algo": "gspo,grpo", "seed": "0,1,2"}
     swept, jobs = grid(params, [])
@@ -61,12 +75,12 @@ def test_mean_band_over_runs_of_unequal_length():
 
 
 def write_job(sweep: Path, num: int, algo: str, seed: int, records: list[dict], max_steps: int = 2,
-              job_info: dict | None = None) -> None:
+              job_info: dict | None = None, extra: tuple[str, ...] = ()) -> None:
     run = sweep / str(num)
     (run / ".hydra").mkdir(parents=True)
     OmegaConf.save(OmegaConf.create({"algo": {"name": algo}, "seed": seed, "trainer": {"max_steps": max_steps}}),
                    run / ".hydra" / "config.yaml")
-    OmegaConf.save(OmegaConf.create(["trainer.max_steps=2", f"algo={algo}", f"seed={seed}"]),
+    OmegaConf.save(OmegaConf.create(["trainer.max_steps=2", f"algo={algo}", f"seed={seed}", *extra]),
                    run / ".hydra" / "overrides.yaml")
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if job_info is not None:
@@ -178,3 +192,38 @@ def test_report_of_a_directory_without_runs_is_a_clear_error(tmp_path, capsys):
         report_command([str(tmp_path)])
     assert exit_info.value.code == 2
     assert "holds no run directories" in capsys.readouterr().err
+
+
+def test_report_of_a_moe_sweep_over_lengths_draws_volatility_and_results_by_length(tmp_path):
+    """The paper sweep's figures: routing volatility per update, and results against a second
+    swept setting (the response length), per algorithm."""
+    sweep = tmp_path / "sweep"
+    hydra = {"hydra": {"sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                                   "params": {"algo": "gspo,grpo", "task.chain_length": "3,14"}},
+                       "overrides": {"task": ["trainer.max_steps=2", "seed=0"]}}}
+    sweep.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(hydra), sweep / "multirun.yaml")
+    job = 0
+    for algo, final in (("gspo", 0.8), ("grpo", 0.3)):
+        for length in (3, 14):
+            records = [{"step": 0, "eval/accuracy": 0.5, "clip/fraction": 0.1, "response_length/mean": 8 * length,
+                        "routing/volatility": 0.05, "routing/volatility/minibatch_0": 0.0,
+                        "routing/volatility/minibatch_1": 0.1},
+                       {"step": 1, "clip/fraction": 0.1, "routing/volatility": 0.05},
+                       {"step": 2, "eval/accuracy": final}]
+            write_job(sweep, job, algo, 0, records, job_info={"status": "finished", "wall_time_s": 1.0},
+                      extra=(f"task.chain_length={length}",))
+            job += 1
+    out = io.StringIO()
+    build_report(sweep, console=Console(file=out, width=250))
+
+    text = out.getvalue()
+    assert "sweep sweep: 4 jobs" in text and "volatility" in text and "collapsed" in text
+    group_rows = text[text.index("per algorithm"):].splitlines()
+    rows = {line.split("│")[1].strip(): line for line in group_rows if "task.chain_length=" in line}
+    assert sorted(rows) == ["grpo task.chain_length=14", "grpo task.chain_length=3",
+                            "gspo task.chain_length=14", "gspo task.chain_length=3"]
+    for label, line in rows.items():  # grpo ended 0.2 below its start: collapsed, gspo did not
+        assert ("1/1" if label.startswith("grpo") else "0/1") in line.split("│")[6], line
+    for png in ("routing_volatility.png", "by_setting.png"):
+        assert (sweep / png).read_bytes()[:8] == PNG

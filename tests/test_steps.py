@@ -221,3 +221,29 @@ def test_mask_truncated_leaves_cut_off_responses_out_of_the_loss(tmp_path, cache
     ended = ~truncated[indices]
     assert torch.equal(mask[ended], batch.rollout.response_mask[indices][ended])
     assert counts[0].item() == mask.sum().item()  # the loss is normalised by the kept tokens only
+
+
+def test_kl_penalty_ignores_what_padding_and_masked_rows_hold(tiny_model, cache_dir):
+    """With a KL reference, a NaN in log π_ref at padding and on a row the loss leaves out
+    (`algo.mask_truncated`) must not reach the loss or its gradient (masking the result
+    is not enough: the chain rule multiplies the mask's 0 by the NaN derivative)."""
+    model, tokenizer = tiny_model
+    prompts = [f"{a}+{a + 1}=" for a in range(2) for _ in range(2)]
+    rollout = generate_rollout(model, tokenizer, prompts, 6, 1.0, torch.Generator().manual_seed(0))
+    T, N = rollout.response_mask.shape[1], len(prompts)
+    logp = response_logprobs(model, rollout.input_ids, rollout.attention_mask, T)
+    loss_mask = rollout.response_mask.clone()
+    loss_mask[0] = 0  # a cut-off response, left out of the loss
+    ref_logp = torch.where(loss_mask.bool(), logp.detach() - 0.1, float("nan"))
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    batch = steps.Batch(rollout, advantages, advantages, rollout.entropy, torch.arange(N),
+                        steps.OldPolicy(torch.arange(N), logp.detach()), ref_logp, loss_mask)
+    cfg = compose_train(small_overrides(cache_dir) + ["algo.kl_coef=0.1"])
+    ctx = steps.StepContext(cfg, None, tokenizer, DistEnv(), torch.Generator().manual_seed(0))
+    counts = torch.tensor([loss_mask.sum().item(), float(N)])
+
+    loss, metrics = update.minibatch_loss(logp, logp.detach(), batch, torch.arange(N), ctx, counts)
+    loss.backward()
+
+    assert torch.isfinite(metrics["kl/ref"]) and metrics["kl/ref"] > 0  # the real tokens' KL is counted
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

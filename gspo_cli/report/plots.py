@@ -63,8 +63,6 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, metrics: tuple[str, .
 
 def finish_figure(fig, axes, metrics, out: str | Path, title: str | None = None, legend_size=None) -> Path:
     """Title, axis labels and scales of each panel, then the PNG written to `out`."""
-    import matplotlib.pyplot as plt
-
     for ax, name in zip(axes, metrics):
         ax.set_title(name)
         ax.set_xlabel("step")
@@ -74,6 +72,13 @@ def finish_figure(fig, axes, metrics, out: str | Path, title: str | None = None,
     axes[0].legend(fontsize=legend_size)
     if title:
         fig.suptitle(title, fontsize=10)
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: str | Path) -> Path:
+    """Lay out `fig`, write it to `out` as a PNG and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,3 +135,67 @@ def plot_groups(groups: dict[str, list[list[dict]]], metrics: tuple[str, ...], o
                             marker="o" if name.startswith("eval/") else None, markersize=3)
             ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     return finish_figure(fig, axes[0], metrics, out, title, legend_size=8)
+
+
+def plot_volatility(groups: dict[str, list[list[dict]]], out: str | Path, title: str = "") -> Path:
+    """Expert volatility (GSPO paper §4.3): the share of activated experts one optimizer step
+    changes, per RL step (mean over its mini-batches, band over runs), and by mini-batch index
+    (mean over steps and runs: the k-th update of a rollout batch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9.2, 3.6), squeeze=False)
+    over_steps, by_index = axes[0]
+    for label, runs in groups.items():
+        curves = [[(r["step"], r["routing/volatility"]) for r in records if "routing/volatility" in r]
+                  for records in runs]
+        steps, mean, low, high = mean_band([c for c in curves if c])
+        if not steps:
+            continue
+        line, = over_steps.plot(steps, mean, label=f"{label} (n={len(runs)})")
+        over_steps.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        per_index: dict[int, list[float]] = {}
+        for records in runs:
+            for r in records:
+                for name, value in r.items():
+                    if name.startswith("routing/volatility/minibatch_"):
+                        per_index.setdefault(int(name.rsplit("_", 1)[1]), []).append(value)
+        index = sorted(per_index)
+        by_index.plot(index, [sum(per_index[i]) / len(per_index[i]) for i in index], marker="o",
+                      color=line.get_color(), label=label)
+    over_steps.set(title="routing/volatility", xlabel="step")
+    by_index.set(title="by mini-batch (update) index", xlabel="mini-batch")
+    for ax in (over_steps, by_index):
+        ax.grid(alpha=0.3)
+    over_steps.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save_figure(fig, out)
+
+
+def plot_by_setting(series: dict[str, list[tuple[str, dict[str, float | None]]]], out: str | Path) -> Path:
+    """Results against another swept setting (e.g. the response length): one panel per figure
+    (final accuracy, clip fraction, response length), one line per algorithm, the settings on
+    the x axis in the order given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(next(iter(series.values()))[0][1]) if series else []
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.6 * max(len(names), 1), 3.8), squeeze=False)
+    settings = list(dict.fromkeys(setting for points in series.values() for setting, _ in points))
+    for ax, name in zip(axes[0], names):
+        for algo, points in series.items():
+            xy = [(settings.index(setting), values[name]) for setting, values in points if values[name] is not None]
+            if xy:
+                ax.plot(*zip(*xy), marker="o", label=algo)
+        ax.set_xticks(range(len(settings)), settings, rotation=20, fontsize=7)
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        if name in LOG_SCALE:
+            ax.set_yscale("symlog", linthresh=1e-4)
+    axes[0][0].legend(fontsize=8)
+    return save_figure(fig, out)

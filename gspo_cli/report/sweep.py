@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from gspo_cli.report.plots import plot_groups, read_metrics
+from gspo_cli.report.plots import plot_by_setting, plot_groups, plot_volatility, read_metrics
 
 JOB_FILE = "job.json"  # written by `gspo sweep`/`gspo train` when a job ends: status and wall time
 # Accuracy whose first crossing `steps_to_target` reports: on the default configuration the
@@ -26,6 +26,9 @@ JOB_FILE = "job.json"  # written by `gspo sweep`/`gspo train` when a job ends: s
 DEFAULT_TARGET = 0.7
 CURVE_METRICS = ("eval/accuracy", "reward/mean")
 CLIP_METRICS = ("clip/fraction",)
+VOLATILITY_METRIC = "routing/volatility"  # MoE runs only (GSPO paper §4.3)
+# A run collapsed when it ended this far below its best evaluation (or below where it started).
+COLLAPSE_DROP = 0.15
 
 
 @dataclass
@@ -48,8 +51,17 @@ class RunSummary:
     """Highest `eval/accuracy` of any evaluation."""
     best_step: Optional[int] = None
     """Step of the best evaluation (the first, on ties)."""
+    start_accuracy: Optional[float] = None
+    """`eval/accuracy` at step 0 (the base the run started from)."""
+    collapsed: Optional[bool] = None
+    """A finished run that ended more than `COLLAPSE_DROP` below its best evaluation, or more than
+    5 points below its start: it learned and then lost it, or only lost."""
     mean_clip_fraction: Optional[float] = None
-    """`clip/fraction` averaged over the training steps."""
+    """`clip/fraction` (a share of response tokens) averaged over the training steps."""
+    mean_volatility: Optional[float] = None
+    """`routing/volatility` averaged over the training steps (MoE models)."""
+    mean_response_length: Optional[float] = None
+    """`response_length/mean` (tokens) averaged over the training steps."""
     steps_to_target: Optional[int] = None
     """First evaluated step with `eval/accuracy` ≥ target_accuracy; empty if never reached."""
     target_accuracy: Optional[float] = None
@@ -78,19 +90,31 @@ def summarize_records(records: list[dict], max_steps: int, target: float) -> dic
     A run has finished when its last record is the final evaluation at `max_steps`.
     """
     accuracy = [(r["step"], r["eval/accuracy"]) for r in records if "eval/accuracy" in r]
-    clip = [r["clip/fraction"] for r in records if "clip/fraction" in r]
     last = records[-1] if records else {}
     finished = last.get("step") == max_steps and "eval/accuracy" in last
     best = max(accuracy, key=lambda p: p[1], default=(None, None))  # max keeps the first of ties
+    start = accuracy[0][1] if accuracy and accuracy[0][0] == 0 else None
+    final = last["eval/accuracy"] if finished else None
+    collapsed = None if final is None else bool(
+        final < best[1] - COLLAPSE_DROP or (start is not None and final < start - 0.05))
     return {
         "finished": finished,
-        "final_accuracy": last["eval/accuracy"] if finished else None,
+        "final_accuracy": final,
         "best_accuracy": best[1],
         "best_step": best[0],
-        "mean_clip_fraction": sum(clip) / len(clip) if clip else None,
+        "start_accuracy": start,
+        "collapsed": collapsed,
+        "mean_clip_fraction": _mean_of(records, "clip/fraction"),
+        "mean_volatility": _mean_of(records, VOLATILITY_METRIC),
+        "mean_response_length": _mean_of(records, "response_length/mean"),
         "steps_to_target": steps_to_target(accuracy, target),
         "last_step": last.get("step"),
     }
+
+
+def _mean_of(records: list[dict], name: str) -> Optional[float]:
+    values = [r[name] for r in records if name in r]
+    return sum(values) / len(values) if values else None
 
 
 def parse_overrides(overrides: list[str]) -> list[Any]:
@@ -240,19 +264,46 @@ def groups_table(summaries: list[RunSummary], target: float):
     """Rich table per algorithm (and other swept settings): mean and range over finished seeds."""
     from rich.table import Table
 
+    groups = grouped(summaries)
+    moe = any(r.mean_volatility is not None for runs in groups.values() for r in runs)
     table = Table(title="finished runs per algorithm: mean (min–max) over seeds")
-    for name in ("group", "runs", "final acc", "best acc", "clip frac", f"reached {target:g}"):
+    names = ["group", "runs", "start acc", "final acc", "best acc", "collapsed", "clip frac",
+             *(["volatility"] if moe else []), "resp len", f"reached {target:g}"]
+    for name in names:
         table.add_column(name, justify="left" if name == "group" else "right")
-    for label, runs in grouped(summaries).items():
-        final = [r.final_accuracy for r in runs]
-        best = [r.best_accuracy for r in runs]
-        clip = [r.mean_clip_fraction for r in runs if r.mean_clip_fraction is not None]
+    for label, runs in groups.items():
         reached = sum(r.steps_to_target is not None for r in runs)
-        table.add_row(label, str(len(runs)),
-                      f"{sum(final) / len(final):.3f} ({min(final):.3f}–{max(final):.3f})",
-                      f"{sum(best) / len(best):.3f} ({min(best):.3f}–{max(best):.3f})",
-                      _fmt(sum(clip) / len(clip) if clip else None, ".1e"), f"{reached}/{len(runs)}")
+        table.add_row(label, str(len(runs)), _mean_range([r.start_accuracy for r in runs]),
+                      _mean_range([r.final_accuracy for r in runs]), _mean_range([r.best_accuracy for r in runs]),
+                      f"{sum(bool(r.collapsed) for r in runs)}/{len(runs)}",
+                      _fmt(_mean([r.mean_clip_fraction for r in runs]), ".1e"),
+                      *([_fmt(_mean([r.mean_volatility for r in runs]), ".3f")] if moe else []),
+                      _fmt(_mean([r.mean_response_length for r in runs]), ".0f"), f"{reached}/{len(runs)}")
     return table
+
+
+def _mean(values: list[Optional[float]]) -> Optional[float]:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def _mean_range(values: list[Optional[float]]) -> str:
+    known = [v for v in values if v is not None]
+    return f"{sum(known) / len(known):.3f} ({min(known):.3f}–{max(known):.3f})" if known else "–"
+
+
+def by_setting(groups: dict[str, list[RunSummary]]) -> dict[str, list[tuple[str, dict[str, Optional[float]]]]]:
+    """Per algorithm, its groups' means over seeds at each other swept setting (e.g. a response
+    length), in the order the settings first appear: what `plot_by_setting` draws."""
+    series: dict[str, list[tuple[str, dict[str, Optional[float]]]]] = {}
+    for runs in groups.values():
+        first = runs[0]
+        series.setdefault(first.algo, []).append((_other_overrides(first.overrides), {
+            "final eval/accuracy": _mean([r.final_accuracy for r in runs]),
+            "clip/fraction": _mean([r.mean_clip_fraction for r in runs]),
+            "response_length/mean": _mean([r.mean_response_length for r in runs]),
+        }))
+    return series
 
 
 def grouped(summaries: list[RunSummary]) -> dict[str, list[RunSummary]]:
@@ -288,6 +339,11 @@ def build_report(sweep_dir: str | Path, target: float = DEFAULT_TARGET, console=
         title = f"{sweep_dir.name}: mean over seeds, band = min–max"
         written.append(plot_groups(curves, CURVE_METRICS, sweep_dir / "accuracy_reward.png", title))
         written.append(plot_groups(curves, CLIP_METRICS, sweep_dir / "clip_fraction.png", title))
+        if any(r.mean_volatility is not None for runs in groups.values() for r in runs):
+            written.append(plot_volatility(curves, sweep_dir / "routing_volatility.png", title))
+        settings = {_other_overrides(r.overrides) for runs in groups.values() for r in runs}
+        if len(settings) > 1:  # another swept setting besides algo and seed: results against it
+            written.append(plot_by_setting(by_setting(groups), sweep_dir / "by_setting.png"))
     for s in summaries:
         if s.status == "incomplete":
             console.print(f"not finished: job {s.job} ({s.overrides}) stopped at step {s.last_step} of {s.max_steps}",

@@ -45,7 +45,12 @@ def minibatch_loss(logp: torch.Tensor, old_logp: torch.Tensor, batch: Batch, ind
         clip_low=algo.clip_low, clip_high=algo.clip_high, is_weights=is_weights, **agg, **algo.params)
     metrics.update(correction)
     if batch.ref_logp is not None:
-        kl = aggregate(kl_estimate(logp, batch.ref_logp[indices], algo.kl_estimator), mask, algo.loss_agg,
+        # Padding and masked-out rows hold whatever the passes left there (-inf from an engine,
+        # a cut-off response's tokens): neutral values keep inf/NaN out of the loss and its gradient.
+        real = mask.bool()
+        kl_tokens = kl_estimate(torch.where(real, logp, 0.0), torch.where(real, batch.ref_logp[indices], 0.0),
+                                algo.kl_estimator)
+        kl = aggregate(kl_tokens, mask, algo.loss_agg,
                        **{k: v for k, v in agg.items() if k != "loss_agg"})
         loss = loss + algo.kl_coef * kl
         metrics["kl/ref"] = kl.detach()
