@@ -1,4 +1,4 @@
-"""`gspo` command line: `gspo train | sweep | eval | report | plot`.
+"""`gspo` command line: `gspo train | sweep | eval | export | report | plot`.
 
 `gspo train|eval ARGS` hands ARGS to a Hydra application composed from `conf/<command>.yaml`,
 so every Hydra flag works (`--cfg job`, `--help`, `-m`, `hydra.run.dir=...`). `gspo sweep`
@@ -27,6 +27,7 @@ commands:
   sweep    grid of training runs + report: gspo sweep algo=gspo,grpo seed=0,1 [--target 0.7]
   report   summary.csv, table and plots of a sweep: gspo report outputs/sweeps/NAME
   eval     greedy, mean@k, pass@k, maj@k:  gspo eval checkpoint=[outputs/A,outputs/B] eval.k=8
+  export   LoRA adapters merged into a HF model: gspo export outputs/A --out merged/
   plot     curves of finished runs:       gspo plot outputs/A outputs/B --out curves.png
   ls       config groups and options:     gspo ls [algo]
   help     this message
@@ -176,6 +177,39 @@ def plot_command(args: list[str]) -> None:
     print(plot_runs(opts.run_dirs, opts.out, tuple(opts.metrics.split(","))))
 
 
+def adapters_of(path: Path) -> Path:
+    """The adapter directory a path names: a run's `checkpoints/final/`, a checkpoint's `model/`, or itself."""
+    for candidate in (path / "checkpoints" / "final", path / "model", path):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"{path} holds no LoRA adapters (adapter_config.json): export merges the adapters "
+                            "of a run trained with model.lora.rank > 0; a full fine-tune's checkpoints/final/ "
+                            "is already a Hugging Face model")
+
+
+def export_command(args: list[str]) -> None:
+    """`gspo export PATH [--out DIR]`: merge a LoRA run's adapters into its base model and write an
+    ordinary Hugging Face model that `from_pretrained` loads (PATH: a run directory, its
+    `checkpoints/final/`, or a `checkpoints/step_N/`)."""
+    import argparse
+
+    from gspo_cli.models.lora import merge_into_base
+
+    parser = argparse.ArgumentParser(prog="gspo export", description=export_command.__doc__)
+    parser.add_argument("path", help="run directory, checkpoints/final/ or checkpoints/step_N/ (checkpoint=PATH works too)")
+    parser.add_argument("--out", help="directory to write (default: the run's checkpoints/merged/, else PATH-merged)")
+    parser.add_argument("--merge", action="store_true", help="accepted for clarity: export always merges")
+    opts = parser.parse_args(args)
+    path = Path(opts.path.removeprefix("checkpoint="))
+    try:
+        adapters = adapters_of(path)
+    except FileNotFoundError as exc:
+        print(f"gspo export: {exc}", file=sys.stderr)
+        sys.exit(2)
+    default = path / "checkpoints" / "merged" if (path / "checkpoints").is_dir() else Path(f"{adapters}-merged")
+    print(f"wrote {merge_into_base(adapters, opts.out or default)}")
+
+
 def config_menu(conf_dir: Path = CONF_DIR) -> dict[str, list[tuple[str, str]]]:
     """Every config group with its options and the first comment line of each option's file."""
     menu = {}
@@ -240,7 +274,8 @@ def unknown_key_message(args: list[str], schema: type = TrainConfig, conf_dir: P
 
 
 HYDRA_COMMANDS = {"train": train_app, "eval": eval_app}
-PLAIN_COMMANDS = {"plot": plot_command, "sweep": sweep_command, "report": report_command, "ls": ls_command}
+PLAIN_COMMANDS = {"plot": plot_command, "sweep": sweep_command, "report": report_command, "ls": ls_command,
+                  "export": export_command}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -68,6 +68,26 @@ class WarmStartConfig:
 
 
 @dataclass
+class LoraAdapterConfig:
+    """LoRA adapters through `peft` (docs/lora.md): only the adapters train, the base model stays frozen."""
+
+    rank: int = 0
+    """r of every adapter; 0 turns LoRA off and trains every parameter (full fine-tuning)."""
+    alpha: Optional[float] = None
+    """Scale of the adapters' update is alpha / rank; null: 2 × rank (a scale of 2)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input; `peft` refuses it (ValueError) when `target_parameters` adapts any weight."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Linear modules (by name suffix) that get an adapter: by default every attention projection."""
+    target_parameters: list[str] = field(default_factory=lambda: ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    """Parameters (by name suffix) that get an adapter in place of a module: the fused expert weights of
+    an MoE (one rank-r adapter per expert); names the model lacks (a dense model) are left out."""
+    train_router: bool = False
+    """MoE: train the routers (`mlp.gate`) as well, as full copies next to the frozen originals (`peft`'s
+    `modules_to_save`). Off by default: the KL reference (adapters off) is then exactly the base model's routing."""
+
+
+@dataclass
 class ModelConfig:
     """Which causal LM to train and how to load it."""
 
@@ -95,6 +115,8 @@ class ModelConfig:
     gradient checkpointing, non-reentrant): activation memory of one layer instead of all."""
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     """Supervised warm start before RL (the local stand-in for a pretrained base)."""
+    lora: LoraAdapterConfig = field(default_factory=LoraAdapterConfig)
+    """LoRA adapters (off unless `model.lora.rank` > 0); the warm start, when set, trains the full model first."""
 
 
 @dataclass
@@ -168,7 +190,8 @@ class AlgoConfig:
     adv_scale: str = "group-std"
     """Divide advantages by the group-std, the batch-std, or none."""
     kl_coef: float = 0.0
-    """Weight of the KL penalty to a frozen copy of the initial policy; 0 loads no reference."""
+    """Weight of the KL penalty to the initial policy: a frozen copy, or with LoRA the policy with its
+    adapters switched off (no copy); 0 computes no reference."""
     kl_estimator: str = "k3"
     """Estimator of that KL: k1, k2 or k3."""
     old_logp: str = "auto"

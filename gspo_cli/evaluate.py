@@ -138,9 +138,11 @@ def checkpoint_list(checkpoint: Any) -> list[str]:
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A `gspo train` run directory stands for its final model; anything else is loaded as given."""
+    """A `gspo train` run directory stands for its final model (a whole model, or LoRA adapters that
+    `load_model` merges into their base); anything else is loaded as given."""
     final = Path(path) / "checkpoints" / "final"
-    return str(final) if (final / "config.json").exists() else path
+    whole_or_adapters = (final / "config.json").exists() or (final / "adapter_config.json").exists()
+    return str(final) if whole_or_adapters else path
 
 
 def checkpoint_label(path: str) -> str:

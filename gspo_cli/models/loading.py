@@ -17,6 +17,7 @@ from gspo_cli.config import on_cpu_by_default
 from gspo_cli.models import logprob_head
 from gspo_cli.models.kernels import experts
 from gspo_cli.models.kernels.rms_norm import fuse_rms_norms
+from gspo_cli.models.lora import base_model_path, is_adapter_dir, load_adapters
 from gspo_cli.models.routing import is_moe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,7 +41,14 @@ def load_model(
     their experts with `experts_implementation` (see `kernels.experts.choose`), and with
     `fused_rms_norm` the RMSNorms run as one autograd node each (`kernels.rms_norm`). Both
     CPU kernels are on by default on the CPU only (`auto`, None): elsewhere the model runs
-    transformers' own code unless asked."""
+    transformers' own code unless asked.
+
+    A directory of `peft` adapters (a LoRA run's `checkpoints/final/`) loads as its base model
+    with the adapters merged in: the same function, hence the same outputs, at no extra cost."""
+    if is_adapter_dir(path):
+        base = load_model(base_model_path(path), dtype, device, trust_remote_code, experts_implementation,
+                          fused_rms_norm, gradient_checkpointing)
+        return load_adapters(base, path, trainable=False).merge_and_unload()
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(

@@ -39,8 +39,11 @@ def find_routers(model: nn.Module) -> list[nn.Module]:
     Raises:
         RoutingReplayUnsupported: the config declares experts but no supported router exists.
     """
-    routers = [m for m in model.modules()
-               if type(m).__name__.endswith("TopKRouter") and hasattr(m, "top_k") and hasattr(m, "weight")]
+    # Under `peft` with trainable routers (`model.lora.train_router`) each router is wrapped with a
+    # trainable copy next to its frozen `original_module`; the policy runs the copy, so that is the one hooked.
+    routers = [m for name, m in model.named_modules()
+               if type(m).__name__.endswith("TopKRouter") and hasattr(m, "top_k") and hasattr(m, "weight")
+               and ".original_module" not in name]
     if is_moe(model) and not routers:
         raise RoutingReplayUnsupported(
             f"{type(model).__name__} declares experts but has no top-k router module this tool can hook "

@@ -2,7 +2,8 @@
 
 A checkpoint is a directory `checkpoints/step_<N>/` holding
 
-- `model/`: the policy and its tokenizer (`save_pretrained`, safetensors);
+- `model/`: the policy and its tokenizer (`save_pretrained`, safetensors); with LoRA the
+  adapters only, in `peft`'s format (the base model is the run's starting point);
 - `trainer_state.pt`: optimizer, scheduler, the step, the prompt stream's position, every
   random number generator, the W&B run id — tensors and plain Python values only, so it
   loads with `torch.load(weights_only=True)` and never runs pickled code.
@@ -27,6 +28,7 @@ from gspo_cli.models.storage import move_into_place, write_dir_atomically
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.pt"
+MODEL_FILES = ("config.json", "adapter_config.json")  # a whole model, or a LoRA run's adapters (`peft`)
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -75,7 +77,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))
-             and (p / STATE_FILE).exists() and (p / "model" / "config.json").exists()]
+             and (p / STATE_FILE).exists() and any((p / "model" / f).exists() for f in MODEL_FILES)]
     return [p for _, p in sorted(found)]
 
 
@@ -119,7 +121,8 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model, optimizer, tokenize
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
+    # frozen parameters (a LoRA run's base model) are the starting point's: not saved again
+    model_state, optim_state = get_state_dict(model, optimizer, options=trainable_only())
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / SHARDED_DIR))
     if is_main:
         tokenizer.save_pretrained(tmp / "model")
@@ -131,6 +134,13 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model, optimizer, tokenize
     return target
 
 
+def trainable_only():
+    """DCP state-dict options that leave frozen parameters out (all parameters train without LoRA)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True)
+
+
 def load_sharded_model(model, checkpoint: Path, optimizer=None) -> None:
     """Load model (and optimizer) state saved by `save_sharded_checkpoint` into `model`.
 
@@ -140,12 +150,12 @@ def load_sharded_model(model, checkpoint: Path, optimizer=None) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer) if optimizer is not None else (
-        get_state_dict(model, [])[0], None)
+    model_state, optim_state = get_state_dict(model, optimizer, options=trainable_only()) if optimizer is not None \
+        else (get_state_dict(model, [], options=trainable_only())[0], None)
     state = {"model": model_state} if optimizer is None else {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=str(Path(checkpoint) / SHARDED_DIR))
     set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
-                   optim_state_dict=state.get("optimizer", {}))
+                   optim_state_dict=state.get("optimizer", {}), options=trainable_only())
 
 
 def is_sharded(checkpoint: Path) -> bool:

@@ -102,7 +102,9 @@ def wrap_model(model: torch.nn.Module, strategy: str, env: DistEnv, precision: s
 
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if precision == "bf16" else MixedPrecisionPolicy()
-        for layer in model.model.layers:
+        # the decoder layers of the Hugging Face model (under `peft`: the model its wrapper holds)
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        for layer in inner.model.layers:
             fully_shard(layer, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         return model

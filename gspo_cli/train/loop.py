@@ -27,6 +27,7 @@ from gspo_cli.algo.rollout_correction import CORRECTIONS
 from gspo_cli.config import TrainConfig
 from gspo_cli.data.tasks import PromptStream, Task, build_task
 from gspo_cli.models.loading import load_model, load_tokenizer
+from gspo_cli.models.lora import AdaptersOff, add_adapters, is_adapted, load_adapters, trainable_parameters
 from gspo_cli.models.routing import MoERouting, is_moe
 from gspo_cli.report.logs import RunLogger
 from gspo_cli.rollout.evaluation import greedy_eval
@@ -143,6 +144,21 @@ class TrainState:
 # ---------------------------------------------------------------------------- set-up
 
 
+def load_policy(cfg: TrainConfig, start_path: str, saved_model: Optional[Path], device: str):
+    """The policy to train: the starting model, or a checkpoint's; with `model.lora` the starting
+    model under adapters, fresh or the checkpoint's (a LoRA checkpoint holds the adapters only)."""
+    mc = cfg.model
+    lora_on = mc.lora.rank > 0
+    path = str(saved_model) if saved_model is not None and not lora_on else start_path
+    policy = load_model(path, mc.dtype, device, mc.trust_remote_code, mc.experts_implementation,
+                        mc.fused_rms_norm, mc.gradient_checkpointing)
+    if not lora_on:
+        return policy
+    if saved_model is not None:
+        return load_adapters(policy, saved_model, trainable=True)
+    return add_adapters(policy, mc.lora, cfg.seed)
+
+
 def setup(cfg: TrainConfig, run_dir: Path, env: DistEnv, log) -> tuple[Any, Any, Task, TrainState]:
     """Load task, model (from a checkpoint when resuming), optimizer and stream."""
     tc = cfg.trainer
@@ -156,13 +172,12 @@ def setup(cfg: TrainConfig, run_dir: Path, env: DistEnv, log) -> tuple[Any, Any,
         barrier(env)
     sharded = resume_from is not None and is_sharded(resume_from)
     start_path = resolve_model_path(cfg, task, log)
-    model_path = str(resume_from / "model") if resume_from and not sharded else start_path
-    policy = load_model(model_path, cfg.model.dtype, env.device, cfg.model.trust_remote_code,
-                        cfg.model.experts_implementation, cfg.model.fused_rms_norm, cfg.model.gradient_checkpointing)
-    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    saved_model = resume_from / "model" if resume_from and not sharded else None
+    policy = load_policy(cfg, start_path, saved_model, env.device)
+    tokenizer = load_tokenizer(str(saved_model or start_path), cfg.model.trust_remote_code)
     task = task.for_tokenizer(tokenizer)  # the chat template, when task.chat_template is set
     policy = wrap_model(policy, cfg.hardware.strategy, env, cfg.hardware.precision)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+    optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=tc.lr, weight_decay=tc.weight_decay,
                                   fused=cfg.hardware.fused_adamw)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / tc.warmup_steps) if tc.warmup_steps else 1.0)
@@ -186,13 +201,16 @@ def setup(cfg: TrainConfig, run_dir: Path, env: DistEnv, log) -> tuple[Any, Any,
 
 
 def make_context(cfg: TrainConfig, policy, tokenizer, task: Task, env: DistEnv, state: TrainState) -> StepContext:
-    """Routing hooks for MoE models and the frozen reference model when a KL penalty is set."""
+    """Routing hooks for MoE models and the reference model when a KL penalty is set: a frozen
+    copy, or with LoRA the policy with its adapters off."""
     model = unwrap(policy)
     routing = MoERouting(model) if is_moe(model) else None  # raises for MoE layers it cannot hook
     if cfg.algo.routing_replay and routing is None:
         raise ValueError(f"algo.routing_replay needs a Mixture-of-Experts model; {cfg.model.name} is dense")
     ref_model = None
-    if cfg.algo.kl_coef != 0:  # a frozen copy of the starting policy, loaded only when needed
+    if cfg.algo.kl_coef != 0 and is_adapted(model):  # the base model is the policy with its adapters off
+        ref_model = AdaptersOff(model)
+    elif cfg.algo.kl_coef != 0:  # a frozen copy of the starting policy, loaded only when needed
         start = resolve_model_path(cfg, task, print)
         ref_model = load_model(start, cfg.model.dtype, env.device, cfg.model.trust_remote_code,
                                cfg.model.experts_implementation, cfg.model.fused_rms_norm)
@@ -333,7 +351,8 @@ def loop_steps(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, state:
 
 
 def save_final_model(policy, ctx: StepContext, final_dir: Path, logger: RunLogger) -> None:
-    """Write the trained model as an ordinary Hugging Face directory (gathered from FSDP shards)."""
+    """Write the trained model as an ordinary Hugging Face directory (gathered from FSDP shards);
+    with LoRA, the adapters only, in `peft`'s format (`gspo export` merges them into the base)."""
     model = unwrap(policy)
     state_dict = None
     if ctx.env.distributed and ctx.cfg.hardware.strategy == "fsdp":
