@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from gspo_cli.config import TrainConfig
+from gspo_cli.config import LoraAdapterConfig, TrainConfig
 from gspo_cli.models.loading import load_model
+from gspo_cli.models.lora import add_adapters, trainable_parameters
 from gspo_cli.rollout.generate import Rollout
 from gspo_cli.train.distributed import init_distributed, shutdown, wrap_model
 from gspo_cli.train.steps import Batch, OldPolicy, StepContext, mean_over_ranks
@@ -25,22 +26,36 @@ def batch_rows(data: dict, rows: slice) -> Batch:
                  order=torch.arange(num_seqs), old=OldPolicy(torch.arange(num_seqs), data["old_logp"][rows]))
 
 
+def with_adapters(model, rank: int):
+    """The model under LoRA adapters of `rank` whose B factors are made non-zero (fresh ones are 0,
+    which leaves A without gradient), the same on every process."""
+    model = add_adapters(model, LoraAdapterConfig(rank=rank), seed=0)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    return model
+
+
 def one_update(model_dir: str, data: dict, strategy: str, loss: str = "gspo",
-               loss_agg: str = "seq-mean-token-mean") -> tuple[float, dict]:
-    """One optimizer step (one mini-batch, SGD lr 1) on this rank's contiguous share of the batch.
+               loss_agg: str = "seq-mean-token-mean", lora_rank: int = 0) -> tuple[float, dict]:
+    """One optimizer step (one mini-batch, SGD lr 1) on this rank's contiguous share of the batch;
+    with `lora_rank` > 0, of LoRA adapters on the model (`with_adapters`).
 
     Returns the loss averaged over ranks and the full (unsharded) parameters after the step.
     """
     env = init_distributed("cpu")
     torch.manual_seed(0)
-    model = wrap_model(load_model(model_dir), strategy, env)
+    model = load_model(model_dir)
+    model = wrap_model(with_adapters(model, lora_rank) if lora_rank else model, strategy, env)
     cfg = TrainConfig()
     cfg.trainer.num_minibatches = 1
     cfg.algo.loss, cfg.algo.loss_agg = loss, loss_agg
     per_rank = len(data["rewards"]) // env.world_size
     batch = batch_rows(data, slice(env.rank * per_rank, (env.rank + 1) * per_rank))
     ctx = StepContext(cfg, task=None, tokenizer=None, env=env, generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    optimizer = torch.optim.SGD(trainable_parameters(model), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
     metrics = mean_over_ranks(update_policy(model, optimizer, scheduler, batch, ctx), env)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -51,11 +66,11 @@ def one_update(model_dir: str, data: dict, strategy: str, loss: str = "gspo",
 
 
 def update_worker(rank: int, world: int, port: int, model_dir: str, batch_file: str, strategy: str,
-                  out_file: str, loss: str = "gspo", loss_agg: str = "seq-mean-token-mean") -> None:
+                  out_file: str, loss: str = "gspo", loss_agg: str = "seq-mean-token-mean", lora_rank: int = 0) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    loss, params, env = one_update(model_dir, torch.load(batch_file), strategy, loss, loss_agg)
+    loss, params, env = one_update(model_dir, torch.load(batch_file), strategy, loss, loss_agg, lora_rank)
     if rank == 0:
         torch.save({"loss": loss, "params": params}, out_file)
     shutdown(env)

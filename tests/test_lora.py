@@ -4,16 +4,24 @@ and a SIGKILLed LoRA run resumes exactly."""
 
 import json
 import math
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from conftest import TEST_SPEC, compose_train
+from dist_workers import one_update, update_worker, with_adapters
 from safetensors.torch import load_file
+from test_dist import free_port, global_batch  # noqa: F401 (a fixture)
+from test_resume import KILLED_IN_STEP_3, command, env, metrics
 from test_train import small_overrides
 from transformers import AutoModelForCausalLM
 
 from gspo_cli.cli import main as gspo
 from gspo_cli.config import LoraAdapterConfig
+from gspo_cli.evaluate import resolve_checkpoint
 from gspo_cli.models.loading import load_model, load_tokenizer
 from gspo_cli.models.lora import AdaptersOff, add_adapters, base_model_path, load_adapters, trainable_parameters
 from gspo_cli.models.routing import MoERouting
@@ -111,6 +119,7 @@ def test_lora_run_trains_only_the_adapters_and_saves_them_alone(tmp_path, cache_
     final, checkpoint = run_dir / "checkpoints" / "final", run_dir / "checkpoints" / "step_1" / "model"
     for saved in (final, checkpoint):  # the adapters only, in peft's format
         assert (saved / "adapter_config.json").exists() and not (saved / "model.safetensors").exists()
+    assert resolve_checkpoint(str(run_dir)) == str(final)  # `gspo eval checkpoint=<run>` scores the adapters
     assert len(load_file(final / "adapter_model.safetensors")) == TEST_SPEC.num_hidden_layers * 13  # 12 factors, 1 router
     base = base_model_path(final)
     start = dict(add_adapters(load_model(base), cfg.model.lora, cfg.seed).named_parameters())
@@ -121,3 +130,54 @@ def test_lora_run_trains_only_the_adapters_and_saves_them_alone(tmp_path, cache_
     # the optimizer held the adapters and the router copies, nothing else
     optimizer = load_trainer_state(checkpoint.parent)["optimizer"]
     assert len(optimizer["param_groups"][0]["params"]) == sum(p.requires_grad for p in trained.values())
+
+
+# ---------------------------------------------------------------------------- two processes, SIGKILL
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_with_adapters_give_the_single_process_update(strategy, tmp_path, tiny_model_dir,
+                                                                     global_batch):
+    loss_value, params, _ = one_update(str(tiny_model_dir), torch.load(global_batch), strategy, lora_rank=4)
+    out = tmp_path / "two.pt"
+    mp.spawn(update_worker, args=(2, free_port(), str(tiny_model_dir), str(global_batch), strategy, str(out),
+                                  "gspo", "seq-mean-token-mean", 4), nprocs=2, join=True)
+    two = torch.load(out)
+    assert two["loss"] == pytest.approx(loss_value, rel=0, abs=1e-6)  # as in test_dist: rounding of ~1e-8
+    before = dict(with_adapters(load_model(tiny_model_dir), 4).state_dict())
+    assert two["params"].keys() == before.keys()
+    for name, value in params.items():
+        step, two_step = value - before[name], two["params"][name] - before[name]
+        if "lora_" not in name:  # the base model is frozen on every process
+            assert step.abs().max() == 0 and two_step.abs().max() == 0, name
+            continue
+        assert step.abs().max() > 0, name  # every adapter factor moved ...
+        assert (two_step - step).norm() <= 1e-4 * step.norm(), name  # ... by the same step on two processes
+
+
+def training_metrics(run_dir):
+    """The logged records without the timings and the process's peak memory (its own, not the run's)."""
+    return [{k: v for k, v in r.items() if not k.startswith("memory/")} for r in metrics(run_dir)]
+
+
+@pytest.mark.slow  # three 6-step runs in fresh processes: ~50 s on 2 cores (90 s with the warm start)
+def test_sigkill_then_resume_with_adapters_logs_exactly_the_uninterrupted_metrics(tmp_path, cache_dir):
+    lora = ("model.lora.rank=4", "algo.kl_coef=0.05")
+    straight = tmp_path / "straight"
+    done = subprocess.run(command(cache_dir, straight, *lora), env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    args = command(cache_dir, killed, *lora)[3:]  # after `python -m gspo_cli`
+    crashed = subprocess.run([sys.executable, "-c", KILLED_IN_STEP_3, *args], env=env(), capture_output=True,
+                             text=True, timeout=600)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_2"]
+    assert (killed / "checkpoints" / "step_2" / "model" / "adapter_config.json").exists()
+
+    resumed = subprocess.run(command(cache_dir, killed, *lora, "resume=auto"), env=env(), capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert training_metrics(killed) == training_metrics(straight)
+    assert metrics(straight)[1]["kl/ref"] > 0  # the adapters moved the policy away from the reference
