@@ -174,6 +174,9 @@ def setup(cfg: TrainConfig, run_dir: Path, env: DistEnv, log) -> tuple[Any, Any,
     start_path = resolve_model_path(cfg, task, log)
     saved_model = resume_from / "model" if resume_from and not sharded else None
     policy = load_policy(cfg, start_path, saved_model, env.device)
+    if is_adapted(policy):
+        log(f"model.lora: {sum(p.numel() for p in trainable_parameters(policy)):,} of "
+            f"{sum(p.numel() for p in policy.parameters()):,} parameters train")
     tokenizer = load_tokenizer(str(saved_model or start_path), cfg.model.trust_remote_code)
     task = task.for_tokenizer(tokenizer)  # the chat template, when task.chat_template is set
     policy = wrap_model(policy, cfg.hardware.strategy, env, cfg.hardware.precision)
