@@ -76,8 +76,9 @@ def update_worker(rank: int, world: int, port: int, model_dir: str, batch_file: 
     shutdown(env)
 
 
-def sharded_save_worker(rank: int, world: int, port: int, model_dir: str, run_dir: str) -> None:
-    """Shard the model with FSDP2 on `world` ranks, perturb it, save a DCP checkpoint."""
+def sharded_save_worker(rank: int, world: int, port: int, model_dir: str, run_dir: str, lora_rank: int = 0) -> None:
+    """Shard the model (under adapters with `lora_rank` > 0) with FSDP2 on `world` ranks, perturb
+    what trains, save a DCP checkpoint."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -85,11 +86,12 @@ def sharded_save_worker(rank: int, world: int, port: int, model_dir: str, run_di
     from gspo_cli.train.checkpoint import save_sharded_checkpoint
 
     env = init_distributed("cpu")
-    model = wrap_model(load_model(model_dir), "fsdp", env)
+    model = load_model(model_dir)
+    model = wrap_model(with_adapters(model, lora_rank) if lora_rank else model, "fsdp", env)
     with torch.no_grad():
-        for p in model.parameters():
+        for p in trainable_parameters(model):
             p.add_(0.01)  # so the saved weights differ from the ones on disk
-    optimizer = torch.optim.AdamW(model.parameters())
+    optimizer = torch.optim.AdamW(trainable_parameters(model))
     save_sharded_checkpoint(Path(run_dir), 1, model, optimizer, load_tokenizer(model_dir), {"stream": {}},
                             keep_last=1, is_main=env.is_main)
     shutdown(env)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import TEST_SPEC, compose_train
-from dist_workers import one_update, update_worker, with_adapters
+from dist_workers import one_update, sharded_save_worker, update_worker, with_adapters
 from safetensors.torch import load_file
 from test_dist import free_port, global_batch  # noqa: F401 (a fixture)
 from test_resume import KILLED_IN_STEP_3, command, env, metrics
@@ -27,7 +27,7 @@ from gspo_cli.models.lora import AdaptersOff, add_adapters, base_model_path, loa
 from gspo_cli.models.routing import MoERouting
 from gspo_cli.rollout.generate import encode_prompts
 from gspo_cli.rollout.scoring import response_logprobs
-from gspo_cli.train.checkpoint import load_trainer_state
+from gspo_cli.train.checkpoint import latest_checkpoint, load_sharded_model, load_trainer_state
 from gspo_cli.train.loop import train
 
 T = 3  # response tokens scored: the last three of each prompt
@@ -153,6 +153,20 @@ def test_two_processes_with_adapters_give_the_single_process_update(strategy, tm
             continue
         assert step.abs().max() > 0, name  # every adapter factor moved ...
         assert (two_step - step).norm() <= 1e-4 * step.norm(), name  # ... by the same step on two processes
+
+
+def test_sharded_checkpoint_with_adapters_holds_them_alone_and_loads_in_one_process(tmp_path, tiny_model_dir):
+    import torch.distributed.checkpoint as dcp
+
+    mp.spawn(sharded_save_worker, args=(2, free_port(), str(tiny_model_dir), str(tmp_path), 4), nprocs=2, join=True)
+    checkpoint = latest_checkpoint(tmp_path)
+    saved = dcp.FileSystemReader(str(checkpoint / "sharded")).read_metadata().state_dict_metadata
+    assert all("lora_" in key for key in saved if key.startswith("model."))  # no frozen base weight saved again
+    model = with_adapters(load_model(tiny_model_dir), 4)
+    load_sharded_model(model, checkpoint)  # the base from its directory, the adapters from the shards
+    start = dict(with_adapters(load_model(tiny_model_dir), 4).named_parameters())
+    for name, value in model.named_parameters():
+        assert torch.allclose(value, start[name] + (0.01 if value.requires_grad else 0.0), atol=1e-6), name
 
 
 def training_metrics(run_dir):

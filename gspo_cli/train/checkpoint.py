@@ -113,16 +113,13 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model, optimizer, tokenize
     """
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     root = Path(run_dir) / "checkpoints"
     tmp, target = root / f".tmp-step_{step}", root / f"step_{step}"
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    # frozen parameters (a LoRA run's base model) are the starting point's: not saved again
-    model_state, optim_state = get_state_dict(model, optimizer, options=trainable_only())
+    model_state, optim_state = trained_state(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / SHARDED_DIR))
     if is_main:
         tokenizer.save_pretrained(tmp / "model")
@@ -134,11 +131,25 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model, optimizer, tokenize
     return target
 
 
-def trainable_only():
-    """DCP state-dict options that leave frozen parameters out (all parameters train without LoRA)."""
+def trainable_only(model) -> Any:
+    """DCP state-dict options that leave frozen parameters out (a LoRA run's base model; without
+    LoRA every parameter trains). Loading is then strict only when nothing is frozen: the frozen
+    weights come from the starting model, not from the checkpoint."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=True)
+    return StateDictOptions(ignore_frozen_params=True, strict=all(p.requires_grad for p in model.parameters()))
+
+
+def trained_state(model, optimizer=None) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+    """The model and optimizer state a sharded checkpoint holds: everything but frozen parameters
+    (a LoRA run's base model is its starting point's, not saved again)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer if optimizer is not None else [],
+                                              options=trainable_only(model))
+    # a tied weight (lm_head = embed_tokens) is listed under both names, and DCP leaves out only one
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in model_state.items() if k not in frozen}, optim_state if optimizer is not None else None
 
 
 def load_sharded_model(model, checkpoint: Path, optimizer=None) -> None:
@@ -148,14 +159,13 @@ def load_sharded_model(model, checkpoint: Path, optimizer=None) -> None:
     the saved tensors onto however `model` is sharded now.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer, options=trainable_only()) if optimizer is not None \
-        else (get_state_dict(model, [], options=trainable_only())[0], None)
+    model_state, optim_state = trained_state(model, optimizer)
     state = {"model": model_state} if optimizer is None else {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=str(Path(checkpoint) / SHARDED_DIR))
     set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
-                   optim_state_dict=state.get("optimizer", {}), options=trainable_only())
+                   optim_state_dict=state.get("optimizer", {}), options=trainable_only(model))
 
 
 def is_sharded(checkpoint: Path) -> bool:
