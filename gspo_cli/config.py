@@ -84,7 +84,7 @@ class LoraAdapterConfig:
     an MoE (one rank-r adapter per expert); names the model lacks (a dense model) are left out."""
     train_router: bool = False
     """MoE: train the routers (`mlp.gate`) as well, as full copies next to the frozen originals (`peft`'s
-    `modules_to_save`). Off by default: the KL reference (adapters off) is then exactly the base model's routing."""
+    `modules_to_save`; the KL reference uses the originals). Off by default: only low-rank adapters train."""
 
 
 @dataclass
