@@ -78,3 +78,45 @@ def sharded_save_worker(rank: int, world: int, port: int, model_dir: str, run_di
     save_sharded_checkpoint(Path(run_dir), 1, model, optimizer, load_tokenizer(model_dir), {"stream": {}},
                             keep_last=1, is_main=env.is_main)
     shutdown(env)
+
+
+def generation_gathers_worker(rank: int, world: int, port: int, model_dir: str, out_file: str) -> None:
+    """FSDP2-shard the model, then count the parameter all-gathers of rollouts of 2 and 8 new
+    tokens, with and without `gathered_for_generation`; rank 0 saves the counts and the
+    responses (which must not depend on how the parameters were gathered)."""
+    from gspo_cli.models.loading import load_tokenizer
+    from gspo_cli.rollout.generate import generate_rollout
+    from gspo_cli.train.distributed import gathered_for_generation
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    env = init_distributed("cpu")
+    model, tokenizer = wrap_model(load_model(model_dir), "fsdp", env), load_tokenizer(model_dir)
+    calls = [0]
+    all_gather = torch.distributed.all_gather_single
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return all_gather(*args, **kwargs)
+
+    torch.distributed.all_gather_single = counted  # FSDP2 looks it up at every call
+    results = {}
+    for gathered in (False, True):
+        for new_tokens in (2, 8):
+            for module in model.modules():  # every measurement starts from sharded parameters
+                if hasattr(module, "reshard"):
+                    module.reshard()
+            calls[0] = 0
+            with torch.no_grad(), gathered_for_generation(model, enabled=gathered):
+                rollout = generate_rollout(model, tokenizer, ["1+2=", "3+4="], new_tokens, 1.0,
+                                           torch.Generator().manual_seed(0))
+            results[gathered, new_tokens] = calls[0], rollout.input_ids
+    # After the block the layers are sharded again: a training forward gathers them anew.
+    calls[0] = 0
+    model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    results["train_forward_backward"] = calls[0]
+    torch.distributed.all_gather_single = all_gather
+    if rank == 0:
+        torch.save(results, out_file)
+    shutdown(env)

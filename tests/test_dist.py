@@ -6,7 +6,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from dist_workers import one_update, sharded_save_worker, update_worker
+from dist_workers import generation_gathers_worker, one_update, sharded_save_worker, update_worker
 
 from gspo_cli.algo.advantages import compute_advantages
 from gspo_cli.models.loading import load_model
@@ -100,3 +100,17 @@ def test_sharded_checkpoint_from_two_processes_loads_in_one(tmp_path, tiny_model
     expected = {k: v + 0.01 for k, v in load_model(tiny_model_dir).state_dict().items()}
     for name, value in model.state_dict().items():
         assert torch.allclose(value, expected[name], atol=1e-6), name
+
+
+def test_fsdp_generation_gathers_the_parameters_once_not_per_token(tmp_path, tiny_model_dir):
+    """hardware.gather_for_rollout: under FSDP2 a rollout all-gathers each layer once,
+    whatever the number of decoded tokens; without it, every token gathers every layer."""
+    out = tmp_path / "gathers.pt"
+    mp.spawn(generation_gathers_worker, args=(2, free_port(), str(tiny_model_dir), str(out)), nprocs=2, join=True)
+    results = torch.load(out)
+    per_token = results[False, 2][0], results[False, 8][0]
+    once = results[True, 2][0], results[True, 8][0]
+    assert per_token[1] > per_token[0]  # the problem: gathers grow with the decoded tokens
+    assert once[0] == once[1] <= per_token[0], (once, per_token)
+    assert torch.equal(results[True, 8][1], results[False, 8][1])  # the same responses
+    assert results["train_forward_backward"] > 0  # resharded afterwards: training gathers again

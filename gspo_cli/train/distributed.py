@@ -130,6 +130,35 @@ def _fsdp_no_sync(model: torch.nn.Module):
         model.set_requires_gradient_sync(True)
 
 
+@contextlib.contextmanager
+def gathered_for_generation(model: torch.nn.Module, enabled: bool = True):
+    """Inside, FSDP2 all-gathers each layer's parameters once and keeps them gathered;
+    on leaving, every layer is resharded for the update.
+
+    Decoding runs one forward pass per token; FSDP2 reshards a layer after each forward, so
+    without this every decoded token all-gathers every layer again (for a 30B model about
+    60 GB moved per token). The cost: each rank holds the full parameters (in FSDP2's
+    `param_dtype`) while it generates, as an inference engine would. DDP, one process and
+    `enabled=False` (`hardware.gather_for_rollout`): nothing changes.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not enabled or not sharded:
+        yield
+        return
+    layers = [m for m in sharded if m is not model]  # the root keeps FSDP2's own setting (it never reshards after forward)
+    for layer in layers:
+        layer.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.set_reshard_after_forward(True, recurse=False)
+        for module in sharded:
+            module.reshard()
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The underlying model of a DDP wrapper (FSDP2 shards in place and needs no unwrapping)."""
     return getattr(model, "module", model)

@@ -40,7 +40,8 @@ from gspo_cli.train.checkpoint import (
     save_sharded_checkpoint,
     set_rng_state,
 )
-from gspo_cli.train.distributed import DistEnv, barrier, init_distributed, shutdown, unwrap, wrap_model
+from gspo_cli.train.distributed import (DistEnv, barrier, gathered_for_generation, init_distributed, shutdown, unwrap,
+                                        wrap_model)
 from gspo_cli.train.guards import BadStepCounter, CollapseMonitor, NoSignalMonitor, TrainingDiverged
 from gspo_cli.train.host import configure_host
 from gspo_cli.train.precision import autocast
@@ -284,8 +285,9 @@ def loop_steps(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, state:
     for step in range(state.step, tc.max_steps + 1):
         eval_metrics = {}
         if step % tc.eval_every == 0 or step == tc.max_steps:
-            eval_metrics, samples = greedy_eval(unwrap(policy), ctx.tokenizer, ctx.task, ctx.task.eval,
-                                                tc.max_new_tokens, tc.eval_batch_size, stop_strings=tc.stop_strings)
+            with gathered_for_generation(policy, cfg.hardware.gather_for_rollout):
+                eval_metrics, samples = greedy_eval(unwrap(policy), ctx.tokenizer, ctx.task, ctx.task.eval,
+                                                    tc.max_new_tokens, tc.eval_batch_size, stop_strings=tc.stop_strings)
             logger.log_samples(step, samples[:tc.eval_samples_logged])
         if step == tc.max_steps:  # the last record holds only the final evaluation
             record = {**record, **eval_metrics}

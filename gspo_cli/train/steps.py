@@ -30,7 +30,7 @@ from gspo_cli.rollout.batching import concat_rollouts
 from gspo_cli.rollout.generate import Rollout, generate_rollout
 from gspo_cli.rollout.refill import fill_with_informative_groups
 from gspo_cli.rollout.scoring import response_logprobs
-from gspo_cli.train.distributed import DistEnv, all_reduce_any, all_reduce_sum, shard, unwrap
+from gspo_cli.train.distributed import DistEnv, all_reduce_any, all_reduce_sum, gathered_for_generation, shard, unwrap
 
 
 @dataclass
@@ -112,11 +112,12 @@ def sample_and_score(policy, ctx: StepContext, stream: PromptStream,
     start = time.perf_counter()
     routing = ctx.routing if old_logp_source(ctx.cfg) == "rollout" else None  # the sampler's routes are π_old's
     size = tc.rollout_batch_size or len(prompts)  # rows whose KV cache exists at once
-    rollout = concat_rollouts([
-        generate_rollout(policy, ctx.tokenizer, prompts[i:i + size], tc.max_new_tokens, tc.temperature,
-                         ctx.sampling_generator or ctx.generator, ctx.still_running, routing,
-                         top_p=tc.top_p, top_k=tc.top_k, stop_strings=tc.stop_strings)
-        for i in range(0, len(prompts), size)], ctx.tokenizer.pad_token_id)
+    with gathered_for_generation(policy, ctx.cfg.hardware.gather_for_rollout):  # FSDP2: gathered once, not per token
+        rollout = concat_rollouts([
+            generate_rollout(policy, ctx.tokenizer, prompts[i:i + size], tc.max_new_tokens, tc.temperature,
+                             ctx.sampling_generator or ctx.generator, ctx.still_running, routing,
+                             top_p=tc.top_p, top_k=tc.top_k, stop_strings=tc.stop_strings)
+            for i in range(0, len(prompts), size)], ctx.tokenizer.pad_token_id)
     timings["time/generate_s"] = timings.get("time/generate_s", 0.0) + time.perf_counter() - start
 
     start = time.perf_counter()
