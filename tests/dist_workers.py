@@ -11,7 +11,7 @@ from gspo_cli.config import TrainConfig
 from gspo_cli.models.loading import load_model
 from gspo_cli.rollout.generate import Rollout
 from gspo_cli.train.distributed import init_distributed, shutdown, wrap_model
-from gspo_cli.train.steps import Batch, OldPolicy, StepContext, mean_over_ranks
+from gspo_cli.train.steps import Batch, OldPolicy, StepContext, reduce_over_ranks
 from gspo_cli.train.update import update_policy
 
 
@@ -29,7 +29,8 @@ def one_update(model_dir: str, data: dict, strategy: str, loss: str = "gspo",
                loss_agg: str = "seq-mean-token-mean") -> tuple[float, dict]:
     """One optimizer step (one mini-batch, SGD lr 1) on this rank's contiguous share of the batch.
 
-    Returns the loss averaged over ranks and the full (unsharded) parameters after the step.
+    Returns the metrics reduced over ranks (the loss among them) and the full (unsharded)
+    parameters after the step.
     """
     env = init_distributed("cpu")
     torch.manual_seed(0)
@@ -42,12 +43,12 @@ def one_update(model_dir: str, data: dict, strategy: str, loss: str = "gspo",
     ctx = StepContext(cfg, task=None, tokenizer=None, env=env, generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
-    metrics = mean_over_ranks(update_policy(model, optimizer, scheduler, batch, ctx), env)
+    metrics = reduce_over_ranks(update_policy(model, optimizer, scheduler, batch, ctx), env)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     params = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     params = {k: v.detach().clone() for k, v in params.items()}
-    return metrics["loss"], params, env
+    return metrics, params, env
 
 
 def update_worker(rank: int, world: int, port: int, model_dir: str, batch_file: str, strategy: str,
@@ -55,9 +56,9 @@ def update_worker(rank: int, world: int, port: int, model_dir: str, batch_file: 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    loss, params, env = one_update(model_dir, torch.load(batch_file), strategy, loss, loss_agg)
+    metrics, params, env = one_update(model_dir, torch.load(batch_file), strategy, loss, loss_agg)
     if rank == 0:
-        torch.save({"loss": loss, "params": params}, out_file)
+        torch.save({"metrics": metrics, "params": params}, out_file)
     shutdown(env)
 
 
@@ -119,4 +120,23 @@ def generation_gathers_worker(rank: int, world: int, port: int, model_dir: str, 
     torch.distributed.all_gather_single = all_gather
     if rank == 0:
         torch.save(results, out_file)
+    shutdown(env)
+
+
+def reductions_worker(rank: int, world: int, port: int, out_file: str) -> None:
+    """Each rank holds its half of a batch of rewards; rank 0 saves what the ranks agree on."""
+    from gspo_cli.algo.advantages import compute_advantages
+    from gspo_cli.train.distributed import all_gather_rows
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    env = init_distributed("cpu")
+    rewards = torch.tensor([[0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 5.0]][rank])  # one group of 4 per rank
+    everyone = all_gather_rows(rewards, env)
+    metrics = reduce_over_ranks({"x_max": float(rank), "x_min": float(rank), "x": float(rank),
+                                 "reward/std": everyone.std().item()}, env)
+    advantages = compute_advantages(everyone, 4, "group-mean", "batch-std")[rank * 4:(rank + 1) * 4]
+    gathered_advantages = all_gather_rows(advantages, env)
+    if rank == 0:
+        torch.save({"everyone": everyone, "metrics": metrics, "advantages": gathered_advantages}, out_file)
     shutdown(env)

@@ -6,7 +6,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from dist_workers import generation_gathers_worker, one_update, sharded_save_worker, update_worker
+from dist_workers import generation_gathers_worker, one_update, reductions_worker, sharded_save_worker, update_worker
 
 from gspo_cli.algo.advantages import compute_advantages
 from gspo_cli.models.loading import load_model
@@ -63,8 +63,8 @@ def single(tiny_model_dir, global_batch):
 
     def update(loss, loss_agg):
         if (loss, loss_agg) not in results:
-            loss_value, params, _ = one_update(str(tiny_model_dir), torch.load(global_batch), "ddp", loss, loss_agg)
-            results[loss, loss_agg] = loss_value, params
+            metrics, params, _ = one_update(str(tiny_model_dir), torch.load(global_batch), "ddp", loss, loss_agg)
+            results[loss, loss_agg] = metrics, params
         return results[loss, loss_agg]
 
     return update
@@ -77,12 +77,18 @@ def single(tiny_model_dir, global_batch):
 ])
 def test_two_processes_give_the_single_process_update(strategy, loss, loss_agg, tmp_path, tiny_model_dir,
                                                       global_batch, single):
-    loss_value, params = single(loss, loss_agg)
+    metrics, params = single(loss, loss_agg)
     result = two_processes(tmp_path, tiny_model_dir, global_batch, strategy, loss, loss_agg)
     # The loss sums terms of size |A| · ratio ≈ 1 that nearly cancel (advantages sum to 0 within
     # groups; a GSPO loss here is ~1e-5 to 1e-4), so its rounding is relative to those terms, not
     # to their sum: ~1e-8 seen, 1e-6 allowed.
-    assert result["loss"] == pytest.approx(loss_value, rel=0, abs=1e-6)
+    assert result["metrics"]["loss"] == pytest.approx(metrics["loss"], rel=0, abs=1e-6)
+    # The logged figures are the whole batch's: token-weighted fractions over both ranks' tokens
+    # (the ranks' responses differ in length), maxima the maximum of both.
+    for name in ("clip/fraction", "clip/high_fraction", "mismatch/seq_ratio_max", "mismatch/logp_abs_diff_max"):
+        if name in metrics:
+            assert result["metrics"][name] == pytest.approx(metrics[name], rel=1e-5, abs=1e-7), name
+    assert metrics["clip/fraction"] > 0
     before = load_model(tiny_model_dir).state_dict()
     for name, value in params.items():
         step, two_step = value - before[name], result["params"][name] - before[name]
@@ -114,3 +120,18 @@ def test_fsdp_generation_gathers_the_parameters_once_not_per_token(tmp_path, tin
     assert once[0] == once[1] <= per_token[0], (once, per_token)
     assert torch.equal(results[True, 8][1], results[False, 8][1])  # the same responses
     assert results["train_forward_backward"] > 0  # resharded afterwards: training gathers again
+
+
+def test_statistics_over_ranks_are_the_whole_batchs(tmp_path):
+    """Maxima stay maxima, minima minima, and a batch-wide std (`reward/std`,
+    `algo.adv_scale=batch-std`) is that of all ranks' rewards, as in one process."""
+    from gspo_cli.algo.advantages import compute_advantages
+
+    out = tmp_path / "reductions.pt"
+    mp.spawn(reductions_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    result = torch.load(out)
+    whole = torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 5.0])
+    assert torch.equal(result["everyone"], whole)
+    assert (result["metrics"]["x_max"], result["metrics"]["x_min"], result["metrics"]["x"]) == (1.0, 0.0, 0.5)
+    assert result["metrics"]["reward/std"] == pytest.approx(whole.std().item())
+    torch.testing.assert_close(result["advantages"], compute_advantages(whole, 4, "group-mean", "batch-std"))

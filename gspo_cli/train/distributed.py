@@ -71,6 +71,25 @@ def all_reduce_sum(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return total.to(value.device)
 
 
+def all_reduce_max(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Element-wise maximum of `value` over ranks (a new tensor)."""
+    if not env.distributed:
+        return value
+    top = value.detach().to(env.device, copy=True)
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    return top.to(value.device)
+
+
+def all_gather_rows(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Every rank's `value` ([n, ...], the same n on each) concatenated in rank order: [world·n, ...]."""
+    if not env.distributed:
+        return value
+    local = value.detach().to(env.device).contiguous()
+    parts = [torch.empty_like(local) for _ in range(env.world_size)]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).to(value.device)
+
+
 def all_reduce_any(flag: bool, env: DistEnv) -> bool:
     """Whether `flag` is true on any rank (keeps loops of collective forwards in lockstep)."""
     if not env.distributed:

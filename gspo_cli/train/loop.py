@@ -48,8 +48,8 @@ from gspo_cli.train.precision import autocast
 from gspo_cli.train.steps import (
     StepContext,
     collect_rollout,
-    mean_over_ranks,
     old_logp_source,
+    reduce_over_ranks,
     rollout_correction,
     rollout_metrics,
 )
@@ -302,8 +302,8 @@ def loop_steps(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, state:
         timings["time/step_s"] = time.perf_counter() - start
         state.step = step + 1
 
-        record = mean_over_ranks({
-            **rollout_metrics(batch), **update_metrics, **timings,
+        record = reduce_over_ranks({
+            **rollout_metrics(batch, env), **update_metrics, **timings,
             "lr": state.scheduler.get_last_lr()[0],
             "throughput/tokens_per_s": batch.rollout.response_mask.sum().item() / timings["time/step_s"],
         }, env)

@@ -30,7 +30,8 @@ from gspo_cli.rollout.batching import concat_rollouts
 from gspo_cli.rollout.generate import Rollout, generate_rollout
 from gspo_cli.rollout.refill import fill_with_informative_groups
 from gspo_cli.rollout.scoring import response_logprobs
-from gspo_cli.train.distributed import DistEnv, all_reduce_any, all_reduce_sum, gathered_for_generation, shard, unwrap
+from gspo_cli.train.distributed import (DistEnv, all_gather_rows, all_reduce_any, all_reduce_max, all_reduce_sum,
+                                        gathered_for_generation, shard, unwrap)
 
 
 @dataclass
@@ -201,7 +202,11 @@ def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Bat
                                    algo.overlong_penalty)
         shaped = rewards + penalty
         timings["reward/overlong_penalty"] = penalty.mean().item()
-    advantages = compute_advantages(shaped, tc.group_size, algo.adv_baseline, algo.adv_scale)
+    # From every rank's rewards, so a batch-wide statistic (algo.adv_scale=batch-std) is the
+    # whole batch's, as in one process; this rank keeps its own rows.
+    n, rank = shaped.shape[0], ctx.env.rank
+    advantages = compute_advantages(all_gather_rows(shaped, ctx.env), tc.group_size, algo.adv_baseline,
+                                    algo.adv_scale)[rank * n:(rank + 1) * n]
 
     start = time.perf_counter()
     order = torch.randperm(mask.shape[0], generator=ctx.generator)  # the first epoch's mini-batches
@@ -224,22 +229,28 @@ def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Bat
     return Batch(rollout, rewards, advantages, rollout.entropy, order, old, ref_logp, loss_mask), timings
 
 
-def rollout_metrics(batch: Batch) -> dict[str, float]:
-    """Reward, length and entropy statistics of a rollout batch."""
+def rollout_metrics(batch: Batch, env: DistEnv) -> dict[str, float]:
+    """Reward, length and entropy statistics of a rollout batch (`reward/std`: of all ranks' rewards)."""
     mask, truncated = batch.rollout.response_mask, batch.rollout.truncated
     return {
         "reward/mean": batch.rewards.mean().item(),
-        "reward/std": batch.rewards.std().item(),
+        "reward/std": all_gather_rows(batch.rewards, env).std().item(),
         "response_length/mean": mask.sum(1).mean().item(),
         "entropy": masked_mean(batch.entropy, mask).item(),
         **({} if truncated is None else {"response/truncated_fraction": truncated.float().mean().item()}),
     }
 
 
-def mean_over_ranks(metrics: dict[str, float], env: DistEnv) -> dict[str, float]:
-    """Average every metric over ranks (shards are equal in size), so rank 0 logs global values."""
+def reduce_over_ranks(metrics: dict[str, float], env: DistEnv) -> dict[str, float]:
+    """Every metric over the whole batch, so rank 0 logs global values: a maximum (`*_max`)
+    stays the maximum over ranks, a minimum (`*_min`) the minimum, and the others are averaged
+    (shards hold equal numbers of sequences; token-weighted figures arrive weighted by global
+    counts, see `update_policy`)."""
     if not env.distributed:
         return metrics
     names = sorted(metrics)
-    values = all_reduce_sum(torch.tensor([float(metrics[n]) for n in names], dtype=torch.float64), env)
-    return {n: v / env.world_size for n, v in zip(names, values.tolist())}
+    values = torch.tensor([float(metrics[n]) for n in names], dtype=torch.float64)
+    sign = torch.tensor([-1.0 if n.endswith("_min") else 1.0 for n in names], dtype=torch.float64)
+    means = all_reduce_sum(values, env) / env.world_size
+    extremes = all_reduce_max(sign * values, env) * sign  # min = -max(-x)
+    return {n: (extremes[i] if n.endswith(("_max", "_min")) else means[i]).item() for i, n in enumerate(names)}
