@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence, TypeVar
 
 import torch
@@ -95,6 +97,32 @@ def all_reduce_any(flag: bool, env: DistEnv) -> bool:
     if not env.distributed:
         return flag
     return bool(all_reduce_sum(torch.tensor([float(flag)]), env).item() > 0)
+
+
+def check_shared_run_dir(run_dir: Path, env: DistEnv) -> None:
+    """Stop every rank with one clear error unless all of them see rank 0's run directory.
+
+    Several nodes must write one run: rank 0 writes the logs and the final model, every rank
+    its checkpoint shards, and a resume reads them all back. Rank 0 writes a random token into
+    the run directory; each rank reads it back after a barrier (a node on its own disk, or
+    with another timestamped `hydra.run.dir`, does not find it).
+    """
+    if not env.distributed:
+        return
+    marker = Path(run_dir) / ".shared-run-dir"
+    token = [secrets.token_hex(8) if env.is_main else None]
+    if env.is_main:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        marker.write_text(token[0])
+    dist.broadcast_object_list(token, src=0)
+    dist.barrier()
+    sees = marker.exists() and marker.read_text() == token[0]
+    missing = all_reduce_sum(torch.tensor([0.0 if sees else 1.0]), env).item()
+    if missing:
+        raise RuntimeError(
+            f"{int(missing)} of {env.world_size} ranks do not see rank 0's run directory {run_dir} "
+            f"(this rank {'does' if sees else 'does not'}): several nodes need it on a shared file system "
+            f"and the same hydra.run.dir on every node (a timestamped default differs between nodes)")
 
 
 def barrier(env: DistEnv) -> None:

@@ -40,8 +40,8 @@ from gspo_cli.train.checkpoint import (
     save_sharded_checkpoint,
     set_rng_state,
 )
-from gspo_cli.train.distributed import (DistEnv, barrier, gathered_for_generation, init_distributed, shutdown, unwrap,
-                                        wrap_model)
+from gspo_cli.train.distributed import (DistEnv, barrier, check_shared_run_dir, gathered_for_generation,
+                                        init_distributed, shutdown, unwrap, wrap_model)
 from gspo_cli.train.guards import BadStepCounter, CollapseMonitor, NoSignalMonitor, TrainingDiverged
 from gspo_cli.train.host import configure_host
 from gspo_cli.train.precision import autocast
@@ -233,6 +233,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     env = init_distributed(cfg.hardware.device)
     try:
         check_config(cfg, env)
+        check_shared_run_dir(run_dir, env)
         pitfalls = config_pitfalls(cfg)
         for pitfall in pitfalls:
             warnings.warn(pitfall, stacklevel=2)
