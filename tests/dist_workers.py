@@ -140,3 +140,37 @@ def reductions_worker(rank: int, world: int, port: int, out_file: str) -> None:
     if rank == 0:
         torch.save({"everyone": everyone, "metrics": metrics, "advantages": gathered_advantages}, out_file)
     shutdown(env)
+
+
+def evaluation_context(model_dir: str, env) -> tuple:
+    """A model (the Qwen3-like test checkpoint, which answers and ends its turn) and the context
+    `steps.evaluate` needs: 9 held-out sums (not a multiple of 2 ranks) decoded in batches of 4,
+    so the ranks (5 problems each) decode 2 batches each."""
+    from gspo_cli.config import TaskConfig
+    from gspo_cli.data.tasks import build_task
+    from gspo_cli.models.loading import load_tokenizer
+
+    cfg = TrainConfig(task=TaskConfig(max_operand=9, num_eval=9, chat_template=True))
+    cfg.trainer.max_new_tokens, cfg.trainer.eval_batch_size = 12, 4
+    tokenizer = load_tokenizer(model_dir)
+    ctx = StepContext(cfg, task=build_task(cfg.task).for_tokenizer(tokenizer), tokenizer=tokenizer, env=env,
+                      generator=torch.Generator().manual_seed(0))
+    return load_model(model_dir), ctx
+
+
+def evaluation_worker(rank: int, world: int, port: int, model_dir: str, out_file: str) -> None:
+    """FSDP2-sharded greedy evaluation, the held-out problems shared across the ranks."""
+    from gspo_cli.train.distributed import gathered_for_generation
+    from gspo_cli.train.steps import evaluate
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    env = init_distributed("cpu")
+    model, ctx = evaluation_context(model_dir, env)
+    model = wrap_model(model, "fsdp", env)
+    with gathered_for_generation(model):
+        metrics, samples = evaluate(model, ctx)
+    if rank == 0:
+        torch.save({"metrics": metrics, "samples": samples}, out_file)
+    shutdown(env)

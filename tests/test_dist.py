@@ -1,18 +1,29 @@
 """Data parallelism on two gloo processes equals one process (DDP and FSDP2; per-sequence and
-per-token normalisation over shards of unequal token counts), and DCP checkpoints reshard."""
+per-token normalisation over shards of unequal token counts; the logged metrics; the sharded
+evaluation), DCP checkpoints reshard, and FSDP2 rollouts gather the parameters once."""
 
 import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from dist_workers import generation_gathers_worker, one_update, reductions_worker, sharded_save_worker, update_worker
+from dist_workers import (
+    evaluation_context,
+    evaluation_worker,
+    generation_gathers_worker,
+    one_update,
+    reductions_worker,
+    sharded_save_worker,
+    update_worker,
+)
 
 from gspo_cli.algo.advantages import compute_advantages
 from gspo_cli.models.loading import load_model
 from gspo_cli.rollout.generate import generate_rollout
 from gspo_cli.rollout.scoring import response_logprobs
 from gspo_cli.train.checkpoint import is_sharded, latest_checkpoint, load_sharded_model
+from gspo_cli.train.distributed import DistEnv
+from gspo_cli.train.steps import evaluate
 
 
 def free_port() -> int:
@@ -135,3 +146,17 @@ def test_statistics_over_ranks_are_the_whole_batchs(tmp_path):
     assert (result["metrics"]["x_max"], result["metrics"]["x_min"], result["metrics"]["x"]) == (1.0, 0.0, 0.5)
     assert result["metrics"]["reward/std"] == pytest.approx(whole.std().item())
     torch.testing.assert_close(result["advantages"], compute_advantages(whole, 4, "group-mean", "batch-std"))
+
+
+def test_sharded_evaluation_gives_the_one_process_figures(tmp_path, real_checkpoint_dir):
+    """Two FSDP2 ranks share 9 held-out problems (5 and 4, the second padded to 5 so both
+    decode in lockstep): the logged figures are those of one process evaluating all 9."""
+    out = tmp_path / "eval.pt"
+    mp.spawn(evaluation_worker, args=(2, free_port(), str(real_checkpoint_dir), str(out)), nprocs=2, join=True)
+    result = torch.load(out)
+    model, ctx = evaluation_context(str(real_checkpoint_dir), DistEnv())
+    metrics, samples = evaluate(model, ctx)
+    assert len(samples) == 9 and len(result["samples"]) == 5  # rank 0 keeps its own share's samples
+    assert result["samples"] == samples[:5]
+    assert result["metrics"] == pytest.approx(metrics, rel=1e-12)
+    assert 0 < metrics["eval/accuracy"] < 1 and metrics["eval/response_length"] < 12  # answers, and stops

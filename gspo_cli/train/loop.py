@@ -29,7 +29,6 @@ from gspo_cli.data.tasks import PromptStream, Task, build_task
 from gspo_cli.models.loading import load_model, load_tokenizer
 from gspo_cli.models.routing import MoERouting, is_moe
 from gspo_cli.report.logs import RunLogger
-from gspo_cli.rollout.evaluation import greedy_eval
 from gspo_cli.train.checkpoint import (
     is_sharded,
     latest_checkpoint,
@@ -48,6 +47,7 @@ from gspo_cli.train.precision import autocast
 from gspo_cli.train.steps import (
     StepContext,
     collect_rollout,
+    evaluate,
     old_logp_source,
     reduce_over_ranks,
     rollout_correction,
@@ -287,8 +287,7 @@ def loop_steps(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, state:
         eval_metrics = {}
         if step % tc.eval_every == 0 or step == tc.max_steps:
             with gathered_for_generation(policy, cfg.hardware.gather_for_rollout):
-                eval_metrics, samples = greedy_eval(unwrap(policy), ctx.tokenizer, ctx.task, ctx.task.eval,
-                                                    tc.max_new_tokens, tc.eval_batch_size, stop_strings=tc.stop_strings)
+                eval_metrics, samples = evaluate(policy, ctx)  # greedy, the held-out problems shared across ranks
             logger.log_samples(step, samples[:tc.eval_samples_logged])
         if step == tc.max_steps:  # the last record holds only the final evaluation
             record = {**record, **eval_metrics}
