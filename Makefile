@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned: an open range would pull a multi-GB CUDA build on a CPU machine
 	$(BIN)/python -m pip install --quiet $(PIP_EXTRA) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet $(PIP_EXTRA) -e ".[test]"
+	$(BIN)/python -m pip install --quiet $(PIP_EXTRA) -e ".[test,slurm]"
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv/ and install gspo with its dependencies

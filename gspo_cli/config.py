@@ -311,6 +311,9 @@ class HardwareConfig:
     """AdamW's fused kernel (on CPU 5x faster than the foreach one for the same result up to rounding)."""
     strategy: str = "ddp"
     """Data parallelism with several processes: ddp, or fsdp (FSDP2 `fully_shard`)."""
+    gather_for_rollout: bool = True
+    """FSDP2: all-gather the parameters once per rollout and generate on the full model (each
+    rank holds it while sampling), instead of gathering every layer at every decoded token."""
     rdzv_endpoint: Optional[str] = None
     """host:port of torchrun's c10d rendezvous for several nodes; unset on one node."""
     rdzv_id: str = "gspo"

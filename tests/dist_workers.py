@@ -12,7 +12,7 @@ from gspo_cli.models.loading import load_model
 from gspo_cli.models.lora import add_adapters, trainable_parameters
 from gspo_cli.rollout.generate import Rollout
 from gspo_cli.train.distributed import init_distributed, shutdown, wrap_model
-from gspo_cli.train.steps import Batch, OldPolicy, StepContext, mean_over_ranks
+from gspo_cli.train.steps import Batch, OldPolicy, StepContext, reduce_over_ranks
 from gspo_cli.train.update import update_policy
 
 
@@ -43,7 +43,8 @@ def one_update(model_dir: str, data: dict, strategy: str, loss: str = "gspo",
     """One optimizer step (one mini-batch, SGD lr 1) on this rank's contiguous share of the batch;
     with `lora_rank` > 0, of LoRA adapters on the model (`with_adapters`).
 
-    Returns the loss averaged over ranks and the full (unsharded) parameters after the step.
+    Returns the metrics reduced over ranks (the loss among them) and the full (unsharded)
+    parameters after the step.
     """
     env = init_distributed("cpu")
     torch.manual_seed(0)
@@ -57,12 +58,12 @@ def one_update(model_dir: str, data: dict, strategy: str, loss: str = "gspo",
     ctx = StepContext(cfg, task=None, tokenizer=None, env=env, generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.SGD(trainable_parameters(model), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
-    metrics = mean_over_ranks(update_policy(model, optimizer, scheduler, batch, ctx), env)
+    metrics = reduce_over_ranks(update_policy(model, optimizer, scheduler, batch, ctx), env)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     params = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     params = {k: v.detach().clone() for k, v in params.items()}
-    return metrics["loss"], params, env
+    return metrics, params, env
 
 
 def update_worker(rank: int, world: int, port: int, model_dir: str, batch_file: str, strategy: str,
@@ -70,9 +71,9 @@ def update_worker(rank: int, world: int, port: int, model_dir: str, batch_file: 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    loss, params, env = one_update(model_dir, torch.load(batch_file), strategy, loss, loss_agg, lora_rank)
+    metrics, params, env = one_update(model_dir, torch.load(batch_file), strategy, loss, loss_agg, lora_rank)
     if rank == 0:
-        torch.save({"loss": loss, "params": params}, out_file)
+        torch.save({"metrics": metrics, "params": params}, out_file)
     shutdown(env)
 
 
@@ -94,4 +95,99 @@ def sharded_save_worker(rank: int, world: int, port: int, model_dir: str, run_di
     optimizer = torch.optim.AdamW(trainable_parameters(model))
     save_sharded_checkpoint(Path(run_dir), 1, model, optimizer, load_tokenizer(model_dir), {"stream": {}},
                             keep_last=1, is_main=env.is_main)
+    shutdown(env)
+
+
+def generation_gathers_worker(rank: int, world: int, port: int, model_dir: str, out_file: str) -> None:
+    """FSDP2-shard the model, then count the parameter all-gathers of rollouts of 2 and 8 new
+    tokens, with and without `gathered_for_generation`; rank 0 saves the counts and the
+    responses (which must not depend on how the parameters were gathered)."""
+    from gspo_cli.models.loading import load_tokenizer
+    from gspo_cli.rollout.generate import generate_rollout
+    from gspo_cli.train.distributed import gathered_for_generation
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    env = init_distributed("cpu")
+    model, tokenizer = wrap_model(load_model(model_dir), "fsdp", env), load_tokenizer(model_dir)
+    calls = [0]
+    all_gather = torch.distributed.all_gather_single
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return all_gather(*args, **kwargs)
+
+    torch.distributed.all_gather_single = counted  # FSDP2 looks it up at every call
+    results = {}
+    for gathered in (False, True):
+        for new_tokens in (2, 8):
+            for module in model.modules():  # every measurement starts from sharded parameters
+                if hasattr(module, "reshard"):
+                    module.reshard()
+            calls[0] = 0
+            with torch.no_grad(), gathered_for_generation(model, enabled=gathered):
+                rollout = generate_rollout(model, tokenizer, ["1+2=", "3+4="], new_tokens, 1.0,
+                                           torch.Generator().manual_seed(0))
+            results[gathered, new_tokens] = calls[0], rollout.input_ids
+    # After the block the layers are sharded again: a training forward gathers them anew.
+    calls[0] = 0
+    model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    results["train_forward_backward"] = calls[0]
+    torch.distributed.all_gather_single = all_gather
+    if rank == 0:
+        torch.save(results, out_file)
+    shutdown(env)
+
+
+def reductions_worker(rank: int, world: int, port: int, out_file: str) -> None:
+    """Each rank holds its half of a batch of rewards; rank 0 saves what the ranks agree on."""
+    from gspo_cli.algo.advantages import compute_advantages
+    from gspo_cli.train.distributed import all_gather_rows
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    env = init_distributed("cpu")
+    rewards = torch.tensor([[0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 5.0]][rank])  # one group of 4 per rank
+    everyone = all_gather_rows(rewards, env)
+    metrics = reduce_over_ranks({"x_max": float(rank), "x_min": float(rank), "x": float(rank),
+                                 "reward/std": everyone.std().item()}, env)
+    advantages = compute_advantages(everyone, 4, "group-mean", "batch-std")[rank * 4:(rank + 1) * 4]
+    gathered_advantages = all_gather_rows(advantages, env)
+    if rank == 0:
+        torch.save({"everyone": everyone, "metrics": metrics, "advantages": gathered_advantages}, out_file)
+    shutdown(env)
+
+
+def evaluation_context(model_dir: str, env) -> tuple:
+    """A model (the Qwen3-like test checkpoint, which answers and ends its turn) and the context
+    `steps.evaluate` needs: 9 held-out sums (not a multiple of 2 ranks) decoded in batches of 4,
+    so the ranks (5 problems each) decode 2 batches each."""
+    from gspo_cli.config import TaskConfig
+    from gspo_cli.data.tasks import build_task
+    from gspo_cli.models.loading import load_tokenizer
+
+    cfg = TrainConfig(task=TaskConfig(max_operand=9, num_eval=9, chat_template=True))
+    cfg.trainer.max_new_tokens, cfg.trainer.eval_batch_size = 12, 4
+    tokenizer = load_tokenizer(model_dir)
+    ctx = StepContext(cfg, task=build_task(cfg.task).for_tokenizer(tokenizer), tokenizer=tokenizer, env=env,
+                      generator=torch.Generator().manual_seed(0))
+    return load_model(model_dir), ctx
+
+
+def evaluation_worker(rank: int, world: int, port: int, model_dir: str, out_file: str) -> None:
+    """FSDP2-sharded greedy evaluation, the held-out problems shared across the ranks."""
+    from gspo_cli.train.distributed import gathered_for_generation
+    from gspo_cli.train.steps import evaluate
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    env = init_distributed("cpu")
+    model, ctx = evaluation_context(model_dir, env)
+    model = wrap_model(model, "fsdp", env)
+    with gathered_for_generation(model):
+        metrics, samples = evaluate(model, ctx)
+    if rank == 0:
+        torch.save({"metrics": metrics, "samples": samples}, out_file)
     shutdown(env)

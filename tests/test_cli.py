@@ -95,3 +95,33 @@ def test_ls_lists_every_group_with_the_first_comment_of_each_option():
     result = run_gspo("ls", "algo")
     assert result.returncode == 0 and "dr-grpo" in result.stdout
     assert run_gspo("ls", "nope").returncode == 2
+
+
+def launch_node(run_dir, cache_dir, port):
+    """One "node" of a 2-node job on this machine: `gspo train` as a user runs it on each node."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    return subprocess.Popen([sys.executable, "-m", "gspo_cli", "train", *small_overrides(cache_dir), "logger=none",
+                             "hardware=cpu-2proc", "hardware.nproc_per_node=1", "hardware.nnodes=2",
+                             f"hardware.rdzv_endpoint=127.0.0.1:{port}", f"hardware.rdzv_id=test{port}",
+                             f"hydra.run.dir={run_dir}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_two_nodes_share_one_run_directory_or_stop_with_a_clear_error(shared, tmp_path, cache_dir):
+    """Two launches with a c10d rendezvous on localhost stand in for two nodes. With one run
+    directory (a shared file system) they write one metrics.jsonl and both exit 0; with two
+    (each node its own disk), both stop at start-up and say why."""
+    from test_dist import free_port
+
+    port = free_port()
+    nodes = [launch_node(tmp_path / ("run" if shared or i == 0 else "other"), cache_dir, port) for i in range(2)]
+    results = [(node.wait(timeout=300), *node.communicate()) for node in nodes]
+    if shared:
+        assert [code for code, _, _ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
+        records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == [0, 1, 2]
+        assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    else:
+        for code, _, err in results:
+            assert code != 0 and "do not see rank 0's run directory" in err, err[-2000:]

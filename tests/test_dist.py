@@ -1,18 +1,29 @@
 """Data parallelism on two gloo processes equals one process (DDP and FSDP2; per-sequence and
-per-token normalisation over shards of unequal token counts), and DCP checkpoints reshard."""
+per-token normalisation over shards of unequal token counts; the logged metrics; the sharded
+evaluation), DCP checkpoints reshard, and FSDP2 rollouts gather the parameters once."""
 
 import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from dist_workers import one_update, sharded_save_worker, update_worker
+from dist_workers import (
+    evaluation_context,
+    evaluation_worker,
+    generation_gathers_worker,
+    one_update,
+    reductions_worker,
+    sharded_save_worker,
+    update_worker,
+)
 
 from gspo_cli.algo.advantages import compute_advantages
 from gspo_cli.models.loading import load_model
 from gspo_cli.rollout.generate import generate_rollout
 from gspo_cli.rollout.scoring import response_logprobs
 from gspo_cli.train.checkpoint import is_sharded, latest_checkpoint, load_sharded_model
+from gspo_cli.train.distributed import DistEnv
+from gspo_cli.train.steps import evaluate
 
 
 def free_port() -> int:
@@ -63,8 +74,8 @@ def single(tiny_model_dir, global_batch):
 
     def update(loss, loss_agg):
         if (loss, loss_agg) not in results:
-            loss_value, params, _ = one_update(str(tiny_model_dir), torch.load(global_batch), "ddp", loss, loss_agg)
-            results[loss, loss_agg] = loss_value, params
+            metrics, params, _ = one_update(str(tiny_model_dir), torch.load(global_batch), "ddp", loss, loss_agg)
+            results[loss, loss_agg] = metrics, params
         return results[loss, loss_agg]
 
     return update
@@ -77,12 +88,18 @@ def single(tiny_model_dir, global_batch):
 ])
 def test_two_processes_give_the_single_process_update(strategy, loss, loss_agg, tmp_path, tiny_model_dir,
                                                       global_batch, single):
-    loss_value, params = single(loss, loss_agg)
+    metrics, params = single(loss, loss_agg)
     result = two_processes(tmp_path, tiny_model_dir, global_batch, strategy, loss, loss_agg)
     # The loss sums terms of size |A| · ratio ≈ 1 that nearly cancel (advantages sum to 0 within
     # groups; a GSPO loss here is ~1e-5 to 1e-4), so its rounding is relative to those terms, not
     # to their sum: ~1e-8 seen, 1e-6 allowed.
-    assert result["loss"] == pytest.approx(loss_value, rel=0, abs=1e-6)
+    assert result["metrics"]["loss"] == pytest.approx(metrics["loss"], rel=0, abs=1e-6)
+    # The logged figures are the whole batch's: token-weighted fractions over both ranks' tokens
+    # (the ranks' responses differ in length), maxima the maximum of both.
+    for name in ("clip/fraction", "clip/high_fraction", "mismatch/seq_ratio_max", "mismatch/logp_abs_diff_max"):
+        if name in metrics:
+            assert result["metrics"][name] == pytest.approx(metrics[name], rel=1e-5, abs=1e-7), name
+    assert metrics["clip/fraction"] > 0
     before = load_model(tiny_model_dir).state_dict()
     for name, value in params.items():
         step, two_step = value - before[name], result["params"][name] - before[name]
@@ -100,3 +117,46 @@ def test_sharded_checkpoint_from_two_processes_loads_in_one(tmp_path, tiny_model
     expected = {k: v + 0.01 for k, v in load_model(tiny_model_dir).state_dict().items()}
     for name, value in model.state_dict().items():
         assert torch.allclose(value, expected[name], atol=1e-6), name
+
+
+def test_fsdp_generation_gathers_the_parameters_once_not_per_token(tmp_path, tiny_model_dir):
+    """hardware.gather_for_rollout: under FSDP2 a rollout all-gathers each layer once,
+    whatever the number of decoded tokens; without it, every token gathers every layer."""
+    out = tmp_path / "gathers.pt"
+    mp.spawn(generation_gathers_worker, args=(2, free_port(), str(tiny_model_dir), str(out)), nprocs=2, join=True)
+    results = torch.load(out)
+    per_token = results[False, 2][0], results[False, 8][0]
+    once = results[True, 2][0], results[True, 8][0]
+    assert per_token[1] > per_token[0]  # the problem: gathers grow with the decoded tokens
+    assert once[0] == once[1] <= per_token[0], (once, per_token)
+    assert torch.equal(results[True, 8][1], results[False, 8][1])  # the same responses
+    assert results["train_forward_backward"] > 0  # resharded afterwards: training gathers again
+
+
+def test_statistics_over_ranks_are_the_whole_batchs(tmp_path):
+    """Maxima stay maxima, minima minima, and a batch-wide std (`reward/std`,
+    `algo.adv_scale=batch-std`) is that of all ranks' rewards, as in one process."""
+    from gspo_cli.algo.advantages import compute_advantages
+
+    out = tmp_path / "reductions.pt"
+    mp.spawn(reductions_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    result = torch.load(out)
+    whole = torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 5.0])
+    assert torch.equal(result["everyone"], whole)
+    assert (result["metrics"]["x_max"], result["metrics"]["x_min"], result["metrics"]["x"]) == (1.0, 0.0, 0.5)
+    assert result["metrics"]["reward/std"] == pytest.approx(whole.std().item())
+    torch.testing.assert_close(result["advantages"], compute_advantages(whole, 4, "group-mean", "batch-std"))
+
+
+def test_sharded_evaluation_gives_the_one_process_figures(tmp_path, real_checkpoint_dir):
+    """Two FSDP2 ranks share 9 held-out problems (5 and 4, the second padded to 5 so both
+    decode in lockstep): the logged figures are those of one process evaluating all 9."""
+    out = tmp_path / "eval.pt"
+    mp.spawn(evaluation_worker, args=(2, free_port(), str(real_checkpoint_dir), str(out)), nprocs=2, join=True)
+    result = torch.load(out)
+    model, ctx = evaluation_context(str(real_checkpoint_dir), DistEnv())
+    metrics, samples = evaluate(model, ctx)
+    assert len(samples) == 9 and len(result["samples"]) == 5  # rank 0 keeps its own share's samples
+    assert result["samples"] == samples[:5]
+    assert result["metrics"] == pytest.approx(metrics, rel=1e-12)
+    assert 0 < metrics["eval/accuracy"] < 1 and metrics["eval/response_length"] < 12  # answers, and stops

@@ -138,12 +138,12 @@ def test_lora_run_trains_only_the_adapters_and_saves_them_alone(tmp_path, cache_
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_with_adapters_give_the_single_process_update(strategy, tmp_path, tiny_model_dir,
                                                                      global_batch):
-    loss_value, params, _ = one_update(str(tiny_model_dir), torch.load(global_batch), strategy, lora_rank=4)
+    metrics, params, _ = one_update(str(tiny_model_dir), torch.load(global_batch), strategy, lora_rank=4)
     out = tmp_path / "two.pt"
     mp.spawn(update_worker, args=(2, free_port(), str(tiny_model_dir), str(global_batch), strategy, str(out),
                                   "gspo", "seq-mean-token-mean", 4), nprocs=2, join=True)
     two = torch.load(out)
-    assert two["loss"] == pytest.approx(loss_value, rel=0, abs=1e-6)  # as in test_dist: rounding of ~1e-8
+    assert two["metrics"]["loss"] == pytest.approx(metrics["loss"], rel=0, abs=1e-6)  # as in test_dist: ~1e-8
     before = dict(with_adapters(load_model(tiny_model_dir), 4).state_dict())
     assert two["params"].keys() == before.keys()
     for name, value in params.items():

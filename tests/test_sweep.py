@@ -42,7 +42,7 @@ PAPER_ALGOS = {"gspo": ("gspo", False), "gspo-token": ("gspo-token", False), "gr
                "grpo-replay": ("grpo", True)}  # algo: (loss, routing replay)
 
 
-@pytest.mark.parametrize("name,seeds,chain_length,max_steps", [("paper", [0, 1, 2], 16, 100),
+@pytest.mark.parametrize("name,seeds,chain_length,max_steps", [("paper", [0, 1, 2], 4, 60),
                                                                 ("paper-quick", [0], 4, 30)])
 def test_paper_sweeps_compose_into_four_algorithms_on_the_long_task_and_the_qwen3_shaped_moe(
         name, seeds, chain_length, max_steps):
@@ -135,3 +135,32 @@ def test_sweep_with_a_failing_job_still_reports_and_names_it(tmp_path, cache_dir
     assert f"failed: job 0 (algo.loss_agg=sum): {rows[0]['error']}" in result.stdout
     assert "not started: job 1 (algo.loss_agg=token-mean)" in result.stdout
     assert "gspo: error: algo.loss_agg='sum'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sweep_through_the_submitit_launcher(tmp_path, cache_dir):
+    """`hydra/launcher=submitit_local`: the jobs are pickled, submitted and run by submitit in
+    processes of their own (the path `submitit_slurm` takes, without a scheduler); the report
+    reads them back like any sweep."""
+    sweep_dir = tmp_path / "submitit"
+    overrides = [o for o in small_overrides(cache_dir) if not o.startswith("algo=")]
+    result = run_gspo("sweep", *overrides, "algo=gspo,grpo", "seed=0", "logger=none",
+                      "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20", "hydra.launcher.cpus_per_task=1",
+                      f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader(open(sweep_dir / "summary.csv")))
+    assert [(r["algo"], r["status"], r["last_step"]) for r in rows] == [("gspo", "finished", "2"),
+                                                                        ("grpo", "finished", "2")]
+    assert list((sweep_dir / ".submitit").rglob("*_result.pkl"))  # submitit ran them, not the basic launcher
+
+
+def test_the_length_study_sweeps_three_response_lengths_with_room_for_each():
+    jobs = sweep_jobs("paper-lengths")
+    assert len(jobs) == 12
+    lengths = {}
+    for job in jobs:
+        cfg = compose_train(job)
+        assert cfg.model.name == "small-qwen3-moe" and cfg.task.name == "arithmetic-chain"
+        # the longest reference is 8 tokens per operation + 8: the limit leaves room for it
+        assert 8 * cfg.task.chain_length + 8 <= cfg.trainer.max_new_tokens <= 8 * cfg.task.chain_length + 32
+        lengths.setdefault(cfg.task.chain_length, set()).add(cfg.algo.name)
+    assert sorted(lengths) == [3, 14, 62] and all(len(algos) == 4 for algos in lengths.values())

@@ -83,3 +83,26 @@ def test_chain_length_sets_the_reference_length_in_tokens(chain_length, low, hig
     problem = task.train[0]
     assert task.reward(problem.answer, problem.answer) == 1.0
     assert task.reward(problem.answer[:-3], problem.answer) == 0.0
+
+
+@pytest.mark.slow  # two warm starts of 300 supervised steps: ~1-2 minutes on 2 quiet cores
+def test_chain_length_sets_the_response_length_of_the_warm_started_model(tiny_model_dir):
+    """What the parameter is for: the model RL starts from writes worked solutions as long as
+    the chain asks for (greedy, on held-out problems), ~8 tokens per operation plus 7."""
+    from gspo_cli.config import TaskConfig, WarmStartConfig
+    from gspo_cli.models.loading import load_model, load_tokenizer
+    from gspo_cli.rollout.evaluation import greedy_eval
+    from gspo_cli.train.warmstart import warm_start
+
+    lengths = {}
+    for chain_length in (2, 6):
+        model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+        task = build_task(TaskConfig(name="arithmetic-chain", reward="final_answer_match", chain_length=chain_length,
+                                     max_operand=9, operators="+-", num_problems=2000, num_eval=64))
+        cfg = WarmStartConfig(enabled=True, target_accuracy=1.0, max_steps=300, check_every=100, lr=1e-2)
+        warm_start(model, tokenizer, task, cfg, max_new_tokens=8 * chain_length + 16, log=print)
+        metrics, _ = greedy_eval(model, tokenizer, task, task.eval, 8 * chain_length + 16)
+        lengths[chain_length] = metrics["eval/response_length"]
+        reference = sum(len(p.answer) + 1 for p in task.eval) / len(task.eval)  # one token per character
+        assert abs(metrics["eval/response_length"] - reference) <= 0.15 * reference, (chain_length, metrics, reference)
+    assert lengths[6] > 2 * lengths[2]

@@ -165,6 +165,9 @@ def plot_volatility(groups: dict[str, list[list[dict]]], out: str | Path, title:
         index = sorted(per_index)
         by_index.plot(index, [sum(per_index[i]) / len(per_index[i]) for i in index], marker="o",
                       color=line.get_color(), label=label)
+    from matplotlib.ticker import MaxNLocator
+
+    by_index.xaxis.set_major_locator(MaxNLocator(integer=True))
     over_steps.set(title="routing/volatility", xlabel="step")
     by_index.set(title="by mini-batch (update) index", xlabel="mini-batch")
     for ax in (over_steps, by_index):

@@ -3,7 +3,7 @@ warm start stops on, and the greedy half of `gspo eval`."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -21,13 +21,16 @@ def greedy_eval(
     max_new_tokens: int,
     batch_size: int = 256,
     stop_strings: Sequence[str] = (),
+    still_running: Callable[[bool], bool] = bool,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Greedy-decode every problem once (ending at the model's stop tokens and `stop_strings`)
-    and score it.
+    and score it. `still_running` as in `generate_rollout` (ranks of a sharded model decode
+    in lockstep).
 
     Returns:
         (metrics, samples): `eval/accuracy` (share of rewards equal to 1), `eval/reward`
-        (mean reward) and `eval/response_length`; one sample dict per problem.
+        (mean reward) and `eval/response_length`; one sample dict per problem (with its
+        `response_length` in tokens).
     """
     was_training = model.training
     model.eval()
@@ -35,13 +38,14 @@ def greedy_eval(
     for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]
         rollout = generate_rollout(model, tokenizer, [p.prompt for p in chunk], max_new_tokens, temperature=0.0,
-                                   stop_strings=stop_strings)
-        lengths.extend(rollout.response_mask.sum(1).tolist())
-        for problem, completion in zip(chunk, rollout.completions):
+                                   still_running=still_running, stop_strings=stop_strings)
+        chunk_lengths = rollout.response_mask.sum(1).tolist()
+        lengths.extend(chunk_lengths)
+        for problem, completion, length in zip(chunk, rollout.completions, chunk_lengths):
             reward = task.reward(completion, problem.answer)
             rewards.append(reward)
             samples.append({"prompt": problem.prompt, "completion": completion,
-                            "answer": problem.answer, "reward": reward})
+                            "answer": problem.answer, "reward": reward, "response_length": length})
     model.train(was_training)
     n = max(len(rewards), 1)
     metrics = {

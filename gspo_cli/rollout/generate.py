@@ -161,14 +161,14 @@ class StopStrings:
     def __bool__(self) -> bool:
         return bool(self.strings)
 
-    def __call__(self, tokens: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-        """tokens: the T' response tokens so far ([N] each); rows: [N] bool, the rows to check.
+    def __call__(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """tokens: [N, T'] the response tokens so far; rows: [N] bool, the rows to check.
         Returns [N] bool: rows whose recent text contains a stop string."""
         hit = torch.zeros_like(rows)
         if not bool(rows.any()):
             return hit
         checked = rows.nonzero().squeeze(1)
-        recent = torch.stack(tokens[-self.window:], dim=1)[checked]  # [n, ≤ window]
+        recent = tokens[checked, -self.window:]  # [n, ≤ window]
         texts = self.tokenizer.batch_decode(recent.tolist(), skip_special_tokens=False,
                                            clean_up_tokenization_spaces=False)
         found = torch.tensor([any(s in text for s in self.strings) for text in texts], device=rows.device)
@@ -236,7 +236,12 @@ def sample_with_logprobs(
     logits = out.logits[:, -1].float()  # [N, V]
     positions = positions[:, -1:]  # [N, 1]
     finished = torch.zeros(N, dtype=torch.bool, device=prompt_ids.device)
-    tokens, alive, token_logps, entropies = [], [], [], []
+    # What each step keeps is written into buffers allocated once: small tensors appended at
+    # every step would settle into the holes the step's [N, V] temporaries leave in the C heap,
+    # and with a 151,936-token vocabulary that fragmentation grew the heap by ~8 MB per token.
+    tokens = prompt_ids.new_full((N, max_new_tokens), pad_token_id)
+    alive, token_logps, entropies = (torch.zeros(N, max_new_tokens, device=prompt_ids.device) for _ in range(3))
+    steps = 0
     for t in range(max_new_tokens):
         scaled = logits / temperature if temperature > 0 else logits
         if filtered:  # the distribution drawn from, and reported, is the truncated one
@@ -247,15 +252,16 @@ def sample_with_logprobs(
             next_token = sample_from_probs(probs, generator)
         else:
             next_token = logits.argmax(dim=-1)
-        token_logps.append(log_probs.gather(1, next_token[:, None]).squeeze(1))
+        token_logps[:, t] = log_probs.gather(1, next_token[:, None]).squeeze(1)
         # 0 · log 0 = 0 for the tokens filtered out (the unfiltered product keeps its bits).
-        entropies.append(-torch.special.xlogy(probs, probs).sum(-1) if filtered else -(probs * log_probs).sum(-1))
+        entropies[:, t] = -torch.special.xlogy(probs, probs).sum(-1) if filtered else -(probs * log_probs).sum(-1)
         next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
-        tokens.append(next_token)
-        alive.append(~finished)
+        tokens[:, t] = next_token
+        alive[:, t] = (~finished).float()
+        steps = t + 1
         ended = torch.isin(next_token, ends)
         if stop_strings:
-            ended = ended | stop_strings(tokens, ~finished & ~ended)
+            ended = ended | stop_strings(tokens[:, :steps], ~finished & ~ended)
         finished = finished | ended
         attention_mask[:, P + t] = (~finished).to(attention_mask.dtype)
         if t == max_new_tokens - 1 or not still_running(not bool(finished.all())):
@@ -264,8 +270,8 @@ def sample_with_logprobs(
         out = model(input_ids=next_token[:, None], attention_mask=attention_mask[:, : P + t + 1],
                     position_ids=positions, use_cache=True, **cache)
         logits = out.logits[:, -1].float()
-    return Sampled(torch.stack(tokens, dim=1), torch.stack(alive, dim=1).float(),
-                   torch.stack(token_logps, dim=1), torch.stack(entropies, dim=1), ~finished)
+    return Sampled(tokens[:, :steps].clone(), alive[:, :steps].clone(), token_logps[:, :steps].clone(),
+                   entropies[:, :steps].clone(), ~finished)
 
 
 def decode_responses(tokenizer: PreTrainedTokenizerBase, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:

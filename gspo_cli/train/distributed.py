@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence, TypeVar
 
 import torch
@@ -71,11 +73,56 @@ def all_reduce_sum(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return total.to(value.device)
 
 
+def all_reduce_max(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Element-wise maximum of `value` over ranks (a new tensor)."""
+    if not env.distributed:
+        return value
+    top = value.detach().to(env.device, copy=True)
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    return top.to(value.device)
+
+
+def all_gather_rows(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Every rank's `value` ([n, ...], the same n on each) concatenated in rank order: [world·n, ...]."""
+    if not env.distributed:
+        return value
+    local = value.detach().to(env.device).contiguous()
+    parts = [torch.empty_like(local) for _ in range(env.world_size)]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).to(value.device)
+
+
 def all_reduce_any(flag: bool, env: DistEnv) -> bool:
     """Whether `flag` is true on any rank (keeps loops of collective forwards in lockstep)."""
     if not env.distributed:
         return flag
     return bool(all_reduce_sum(torch.tensor([float(flag)]), env).item() > 0)
+
+
+def check_shared_run_dir(run_dir: Path, env: DistEnv) -> None:
+    """Stop every rank with one clear error unless all of them see rank 0's run directory.
+
+    Several nodes must write one run: rank 0 writes the logs and the final model, every rank
+    its checkpoint shards, and a resume reads them all back. Rank 0 writes a random token into
+    the run directory; each rank reads it back after a barrier (a node on its own disk, or
+    with another timestamped `hydra.run.dir`, does not find it).
+    """
+    if not env.distributed:
+        return
+    marker = Path(run_dir) / ".shared-run-dir"
+    token = [secrets.token_hex(8) if env.is_main else None]
+    if env.is_main:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        marker.write_text(token[0])
+    dist.broadcast_object_list(token, src=0)
+    dist.barrier()
+    sees = marker.exists() and marker.read_text() == token[0]
+    missing = all_reduce_sum(torch.tensor([0.0 if sees else 1.0]), env).item()
+    if missing:
+        raise RuntimeError(
+            f"{int(missing)} of {env.world_size} ranks do not see rank 0's run directory {run_dir} "
+            f"(this rank {'does' if sees else 'does not'}): several nodes need it on a shared file system "
+            f"and the same hydra.run.dir on every node (a timestamped default differs between nodes)")
 
 
 def barrier(env: DistEnv) -> None:
@@ -130,6 +177,35 @@ def _fsdp_no_sync(model: torch.nn.Module):
         yield
     finally:
         model.set_requires_gradient_sync(True)
+
+
+@contextlib.contextmanager
+def gathered_for_generation(model: torch.nn.Module, enabled: bool = True):
+    """Inside, FSDP2 all-gathers each layer's parameters once and keeps them gathered;
+    on leaving, every layer is resharded for the update.
+
+    Decoding runs one forward pass per token; FSDP2 reshards a layer after each forward, so
+    without this every decoded token all-gathers every layer again (for a 30B model about
+    60 GB moved per token). The cost: each rank holds the full parameters (in FSDP2's
+    `param_dtype`) while it generates, as an inference engine would. DDP, one process and
+    `enabled=False` (`hardware.gather_for_rollout`): nothing changes.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not enabled or not sharded:
+        yield
+        return
+    layers = [m for m in sharded if m is not model]  # the root keeps FSDP2's own setting (it never reshards after forward)
+    for layer in layers:
+        layer.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.set_reshard_after_forward(True, recurse=False)
+        for module in sharded:
+            module.reshard()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -30,7 +30,6 @@ from gspo_cli.models.loading import load_model, load_tokenizer
 from gspo_cli.models.lora import AdaptersOff, add_adapters, is_adapted, load_adapters, trainable_parameters
 from gspo_cli.models.routing import MoERouting, is_moe
 from gspo_cli.report.logs import RunLogger
-from gspo_cli.rollout.evaluation import greedy_eval
 from gspo_cli.train.checkpoint import (
     is_sharded,
     latest_checkpoint,
@@ -41,15 +40,17 @@ from gspo_cli.train.checkpoint import (
     save_sharded_checkpoint,
     set_rng_state,
 )
-from gspo_cli.train.distributed import DistEnv, barrier, init_distributed, shutdown, unwrap, wrap_model
+from gspo_cli.train.distributed import (DistEnv, barrier, check_shared_run_dir, gathered_for_generation,
+                                        init_distributed, shutdown, unwrap, wrap_model)
 from gspo_cli.train.guards import BadStepCounter, CollapseMonitor, NoSignalMonitor, TrainingDiverged
 from gspo_cli.train.host import configure_host
 from gspo_cli.train.precision import autocast
 from gspo_cli.train.steps import (
     StepContext,
     collect_rollout,
-    mean_over_ranks,
+    evaluate,
     old_logp_source,
+    reduce_over_ranks,
     rollout_correction,
     rollout_metrics,
 )
@@ -253,6 +254,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     env = init_distributed(cfg.hardware.device)
     try:
         check_config(cfg, env)
+        check_shared_run_dir(run_dir, env)
         pitfalls = config_pitfalls(cfg)
         for pitfall in pitfalls:
             warnings.warn(pitfall, stacklevel=2)
@@ -305,8 +307,8 @@ def loop_steps(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, state:
     for step in range(state.step, tc.max_steps + 1):
         eval_metrics = {}
         if step % tc.eval_every == 0 or step == tc.max_steps:
-            eval_metrics, samples = greedy_eval(unwrap(policy), ctx.tokenizer, ctx.task, ctx.task.eval,
-                                                tc.max_new_tokens, tc.eval_batch_size, stop_strings=tc.stop_strings)
+            with gathered_for_generation(policy, cfg.hardware.gather_for_rollout):
+                eval_metrics, samples = evaluate(policy, ctx)  # greedy, the held-out problems shared across ranks
             logger.log_samples(step, samples[:tc.eval_samples_logged])
         if step == tc.max_steps:  # the last record holds only the final evaluation
             record = {**record, **eval_metrics}
@@ -321,8 +323,8 @@ def loop_steps(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, state:
         timings["time/step_s"] = time.perf_counter() - start
         state.step = step + 1
 
-        record = mean_over_ranks({
-            **rollout_metrics(batch), **update_metrics, **timings,
+        record = reduce_over_ranks({
+            **rollout_metrics(batch, env), **update_metrics, **timings,
             "lr": state.scheduler.get_last_lr()[0],
             "throughput/tokens_per_s": batch.rollout.response_mask.sum().item() / timings["time/step_s"],
         }, env)

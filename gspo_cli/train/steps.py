@@ -27,10 +27,12 @@ from gspo_cli.models.routing import (
     routes_megabytes,
 )
 from gspo_cli.rollout.batching import concat_rollouts
+from gspo_cli.rollout.evaluation import greedy_eval
 from gspo_cli.rollout.generate import Rollout, generate_rollout
 from gspo_cli.rollout.refill import fill_with_informative_groups
 from gspo_cli.rollout.scoring import response_logprobs
-from gspo_cli.train.distributed import DistEnv, all_reduce_any, all_reduce_sum, shard, unwrap
+from gspo_cli.train.distributed import (DistEnv, all_gather_rows, all_reduce_any, all_reduce_max, all_reduce_sum,
+                                        gathered_for_generation, shard, unwrap)
 
 
 @dataclass
@@ -112,11 +114,12 @@ def sample_and_score(policy, ctx: StepContext, stream: PromptStream,
     start = time.perf_counter()
     routing = ctx.routing if old_logp_source(ctx.cfg) == "rollout" else None  # the sampler's routes are π_old's
     size = tc.rollout_batch_size or len(prompts)  # rows whose KV cache exists at once
-    rollout = concat_rollouts([
-        generate_rollout(policy, ctx.tokenizer, prompts[i:i + size], tc.max_new_tokens, tc.temperature,
-                         ctx.sampling_generator or ctx.generator, ctx.still_running, routing,
-                         top_p=tc.top_p, top_k=tc.top_k, stop_strings=tc.stop_strings)
-        for i in range(0, len(prompts), size)], ctx.tokenizer.pad_token_id)
+    with gathered_for_generation(policy, ctx.cfg.hardware.gather_for_rollout):  # FSDP2: gathered once, not per token
+        rollout = concat_rollouts([
+            generate_rollout(policy, ctx.tokenizer, prompts[i:i + size], tc.max_new_tokens, tc.temperature,
+                             ctx.sampling_generator or ctx.generator, ctx.still_running, routing,
+                             top_p=tc.top_p, top_k=tc.top_k, stop_strings=tc.stop_strings)
+            for i in range(0, len(prompts), size)], ctx.tokenizer.pad_token_id)
     timings["time/generate_s"] = timings.get("time/generate_s", 0.0) + time.perf_counter() - start
 
     start = time.perf_counter()
@@ -127,6 +130,26 @@ def sample_and_score(policy, ctx: StepContext, stream: PromptStream,
         timings.update(reward_metrics)  # reward/<name>/mean per component, reward/errors
     timings["time/reward_s"] = timings.get("time/reward_s", 0.0) + time.perf_counter() - start
     return rollout, rewards
+
+
+def evaluate(policy, ctx: StepContext) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Greedy evaluation on the held-out problems, shared across ranks: each rank decodes a
+    contiguous share (padded to equal counts with repeats of its last problem, left out of the
+    figures, so every rank runs the same passes in lockstep), and the figures are summed over
+    ranks: the same numbers as one process. Returns (metrics, this rank's samples)."""
+    tc, env, problems = ctx.cfg.trainer, ctx.env, ctx.task.eval
+    per_rank = -(-len(problems) // env.world_size)
+    mine = problems[env.rank * per_rank:(env.rank + 1) * per_rank] or problems[-1:]
+    real = min(len(mine), max(0, len(problems) - env.rank * per_rank))
+    mine = mine + mine[-1:] * (per_rank - len(mine))
+    _, samples = greedy_eval(unwrap(policy), ctx.tokenizer, ctx.task, mine, tc.max_new_tokens, tc.eval_batch_size,
+                             stop_strings=tc.stop_strings, still_running=ctx.still_running)
+    samples = samples[:real]
+    sums = all_reduce_sum(torch.tensor([float(len(samples)), sum(s["reward"] >= 1.0 for s in samples),
+                                        sum(s["reward"] for s in samples), sum(s["response_length"] for s in samples)],
+                                       dtype=torch.float64), env).tolist()
+    n = max(sums[0], 1.0)
+    return {"eval/accuracy": sums[1] / n, "eval/reward": sums[2] / n, "eval/response_length": sums[3] / n}, samples
 
 
 def micro_batches(rows: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
@@ -200,7 +223,11 @@ def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Bat
                                    algo.overlong_penalty)
         shaped = rewards + penalty
         timings["reward/overlong_penalty"] = penalty.mean().item()
-    advantages = compute_advantages(shaped, tc.group_size, algo.adv_baseline, algo.adv_scale)
+    # From every rank's rewards, so a batch-wide statistic (algo.adv_scale=batch-std) is the
+    # whole batch's, as in one process; this rank keeps its own rows.
+    n, rank = shaped.shape[0], ctx.env.rank
+    advantages = compute_advantages(all_gather_rows(shaped, ctx.env), tc.group_size, algo.adv_baseline,
+                                    algo.adv_scale)[rank * n:(rank + 1) * n]
 
     start = time.perf_counter()
     order = torch.randperm(mask.shape[0], generator=ctx.generator)  # the first epoch's mini-batches
@@ -223,22 +250,28 @@ def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Bat
     return Batch(rollout, rewards, advantages, rollout.entropy, order, old, ref_logp, loss_mask), timings
 
 
-def rollout_metrics(batch: Batch) -> dict[str, float]:
-    """Reward, length and entropy statistics of a rollout batch."""
+def rollout_metrics(batch: Batch, env: DistEnv) -> dict[str, float]:
+    """Reward, length and entropy statistics of a rollout batch (`reward/std`: of all ranks' rewards)."""
     mask, truncated = batch.rollout.response_mask, batch.rollout.truncated
     return {
         "reward/mean": batch.rewards.mean().item(),
-        "reward/std": batch.rewards.std().item(),
+        "reward/std": all_gather_rows(batch.rewards, env).std().item(),
         "response_length/mean": mask.sum(1).mean().item(),
         "entropy": masked_mean(batch.entropy, mask).item(),
         **({} if truncated is None else {"response/truncated_fraction": truncated.float().mean().item()}),
     }
 
 
-def mean_over_ranks(metrics: dict[str, float], env: DistEnv) -> dict[str, float]:
-    """Average every metric over ranks (shards are equal in size), so rank 0 logs global values."""
+def reduce_over_ranks(metrics: dict[str, float], env: DistEnv) -> dict[str, float]:
+    """Every metric over the whole batch, so rank 0 logs global values: a maximum (`*_max`)
+    stays the maximum over ranks, a minimum (`*_min`) the minimum, and the others are averaged
+    (shards hold equal numbers of sequences; token-weighted figures arrive weighted by global
+    counts, see `update_policy`)."""
     if not env.distributed:
         return metrics
     names = sorted(metrics)
-    values = all_reduce_sum(torch.tensor([float(metrics[n]) for n in names], dtype=torch.float64), env)
-    return {n: v / env.world_size for n, v in zip(names, values.tolist())}
+    values = torch.tensor([float(metrics[n]) for n in names], dtype=torch.float64)
+    sign = torch.tensor([-1.0 if n.endswith("_min") else 1.0 for n in names], dtype=torch.float64)
+    means = all_reduce_sum(values, env) / env.world_size
+    extremes = all_reduce_max(sign * values, env) * sign  # min = -max(-x)
+    return {n: (extremes[i] if n.endswith(("_max", "_min")) else means[i]).item() for i, n in enumerate(names)}

@@ -154,7 +154,9 @@ def update_policy(policy, optimizer, scheduler, batch: Batch, ctx: StepContext) 
                 loss, metrics = minibatch_loss(logp, old_rows.logp, batch, rows, ctx, counts)
                 with gradient_sync(policy, enabled=j == len(micros) - 1):  # all-reduce once per mini-batch
                     loss.backward()
-                share = batch.loss_tokens(rows).sum().item() / max(mask.sum().item(), 1.0)
+                # Weight by the global token count, scaled by the world size: the mean over ranks
+                # (`steps.reduce_over_ranks`) is then the token-weighted mean of the whole mini-batch.
+                share = batch.loss_tokens(rows).sum().item() * ctx.env.world_size / max(counts[0].item(), 1.0)
                 metrics.update(minibatch_routing_metrics(rollout, rows, routes, old_rows.routes))
                 step_metrics["loss"] = step_metrics.get("loss", 0.0) + loss.item()  # normalised by the mini-batch
                 for name, value in metrics.items():
