@@ -26,18 +26,3 @@ def test_default_gspo_and_grpo_learn_and_gspo_clips_far_more(tmp_path, cache_dir
         clip[algo] = sum(r["clip/fraction"] for r in steps) / len(steps)
     assert clip["gspo"] >= 10 * clip["grpo"], clip
 
-
-@pytest.mark.slow  # six warm starts and six RL runs: ~30 minutes on 2 quiet cores
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_default_gspo_gains_from_any_warm_start(seed, threads, tmp_path):
-    """The README's claim holds on another processor: another warm-start seed, or another thread
-    count (another order of floating-point sums, as another CPU would have), each with an empty
-    cache, lands near the target and GSPO still gains at least 15 points."""
-    cfg = compose_train(["algo=gspo", f"cache_dir={tmp_path / 'cache'}", "logger=none", "trainer.save_final=false",
-                         f"model.warm_start.seed={seed}", f"hardware.num_threads={threads}"])
-    train(cfg, tmp_path / "run")
-    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    first, last = records[0]["eval/accuracy"], records[-1]["eval/accuracy"]
-    assert 0.35 <= first <= 0.6, first  # the landing's target is 0.45 on the probe
-    assert last - first >= 0.15, (first, last)
