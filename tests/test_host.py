@@ -49,14 +49,17 @@ def test_configure_host_sets_the_thread_count():
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("device, setting, applied", [
-    ("cpu", None, True), ("cuda", None, False), ("cuda:1", None, False), ("cuda", True, True), ("cpu", False, False)])
-def test_keep_freed_memory_defaults_to_cpu_runs_only(monkeypatch, device, setting, applied):
+@pytest.mark.parametrize("device, setting, tokens, applied", [
+    ("cpu", None, 8, True), ("cuda", None, 8, False), ("cuda:1", None, 8, False), ("cuda", True, 8, True),
+    ("cpu", False, 8, False),
+    ("cpu", None, 1024, False),  # long responses: the never-trimmed heap would keep a high-water mark
+    ("cpu", True, 1024, True)])  # ... unless asked
+def test_keep_freed_memory_defaults_to_cpu_runs_of_short_responses(monkeypatch, device, setting, tokens, applied):
     import gspo_cli.train.host as host
 
     calls = []
     monkeypatch.setattr(host, "reuse_freed_memory", lambda: calls.append(True) or True)
-    configure_host(0, setting, device)
+    configure_host(0, setting, device, max_new_tokens=tokens)
     assert bool(calls) == applied
 
 

@@ -55,10 +55,20 @@ def reuse_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
 
 
-def configure_host(num_threads: int, keep_freed_memory: Optional[bool], device: str = "cpu") -> None:
+# Above this response length the CPU default gives freed memory back: a heap that is never
+# trimmed keeps its high-water mark, and with long responses over a large vocabulary that mark
+# grows far past what is live (issue 17's step of 128 responses of 1,024 tokens over 151,936
+# tokens: 10.9 GiB peak resident kept, 3.68 GiB given back; docs/long-responses.md).
+LONG_RESPONSES = 256
+
+
+def configure_host(num_threads: int, keep_freed_memory: Optional[bool], device: str = "cpu",
+                   max_new_tokens: int = 0) -> None:
     """Apply `hardware.num_threads` (0: torch's default) and `hardware.keep_freed_memory`
-    (None: on for CPU runs only)."""
+    (None: on for CPU runs of responses up to `LONG_RESPONSES` tokens only)."""
     if num_threads > 0:
         torch.set_num_threads(num_threads)
+    if keep_freed_memory is None and max_new_tokens > LONG_RESPONSES:
+        keep_freed_memory = False
     if on_cpu_by_default(keep_freed_memory, device):
         reuse_freed_memory()

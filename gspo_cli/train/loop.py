@@ -250,7 +250,8 @@ def install_stop_signals() -> dict[str, bool]:
 def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     """Run RL training as configured; returns the last metrics record (on every rank)."""
     run_dir = Path(run_dir)
-    configure_host(cfg.hardware.num_threads, cfg.hardware.keep_freed_memory, cfg.hardware.device)
+    configure_host(cfg.hardware.num_threads, cfg.hardware.keep_freed_memory, cfg.hardware.device,
+                   cfg.trainer.max_new_tokens)
     env = init_distributed(cfg.hardware.device)
     try:
         check_config(cfg, env)
