@@ -305,7 +305,7 @@ class HardwareConfig:
     keep_freed_memory: Optional[bool] = None
     """Keep freed host memory for reuse instead of unmapping large blocks at every free
     (glibc `mallopt`; no effect elsewhere): no page faults in steady state (`gspo_cli/train/host.py`).
-    null: on for CPU runs of `trainer.max_new_tokens` up to 256, off elsewhere: on a GPU it would
+    null: on for CPU runs of responses up to 256 tokens (`max_new_tokens`), off elsewhere: on a GPU it would
     keep a loading process's peak host memory mapped for the whole run, and with long responses
     the never-trimmed heap keeps a high-water mark far above what is live (docs/cpu-tuning.md)."""
     fused_adamw: bool = True

@@ -196,7 +196,8 @@ def run_eval(cfg: EvalConfig, run_dir: Path) -> list[dict[str, Any]]:
     from gspo_cli.report.logs import RunLogger
     from gspo_cli.train.host import configure_host
 
-    configure_host(cfg.hardware.num_threads, cfg.hardware.keep_freed_memory, cfg.hardware.device)
+    configure_host(cfg.hardware.num_threads, cfg.hardware.keep_freed_memory, cfg.hardware.device,
+                   cfg.eval.max_new_tokens)
     task = build_task(cfg.task)
     plain_cfg = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     results = []

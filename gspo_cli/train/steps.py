@@ -134,16 +134,16 @@ def sample_and_score(policy, ctx: StepContext, stream: PromptStream,
 
 def evaluate(policy, ctx: StepContext) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Greedy evaluation on the held-out problems, shared across ranks: each rank decodes a
-    contiguous share (padded to equal counts with repeats of its last problem, left out of the
+    contiguous share (padded to equal counts with repeats of the last problem, left out of the
     figures, so every rank runs the same passes in lockstep), and the figures are summed over
     ranks: the same numbers as one process. Returns (metrics, this rank's samples)."""
     tc, env, problems = ctx.cfg.trainer, ctx.env, ctx.task.eval
     per_rank = -(-len(problems) // env.world_size)
-    mine = problems[env.rank * per_rank:(env.rank + 1) * per_rank] or problems[-1:]
-    real = min(len(mine), max(0, len(problems) - env.rank * per_rank))
-    mine = mine + mine[-1:] * (per_rank - len(mine))
-    _, samples = greedy_eval(unwrap(policy), ctx.tokenizer, ctx.task, mine, tc.max_new_tokens, tc.eval_batch_size,
-                             stop_strings=tc.stop_strings, still_running=ctx.still_running)
+    mine = problems[env.rank * per_rank:(env.rank + 1) * per_rank]
+    real = len(mine)
+    _, samples = greedy_eval(unwrap(policy), ctx.tokenizer, ctx.task, mine + problems[-1:] * (per_rank - real),
+                             tc.max_new_tokens, tc.eval_batch_size, stop_strings=tc.stop_strings,
+                             still_running=ctx.still_running)
     samples = samples[:real]
     sums = all_reduce_sum(torch.tensor([float(len(samples)), sum(s["reward"] >= 1.0 for s in samples),
                                         sum(s["reward"] for s in samples), sum(s["response_length"] for s in samples)],
