@@ -6,6 +6,7 @@ itself is `loop_steps`; what each step does is in `steps.py`.
 
 from __future__ import annotations
 
+import gc
 import random
 import resource
 import signal
@@ -254,24 +255,39 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
                    cfg.trainer.max_new_tokens)
     env = init_distributed(cfg.hardware.device)
     try:
-        check_config(cfg, env)
-        check_shared_run_dir(run_dir, env)
-        pitfalls = config_pitfalls(cfg)
-        for pitfall in pitfalls:
-            warnings.warn(pitfall, stacklevel=2)
-        resumed = resume_point(cfg, run_dir)
-        saved = load_trainer_state(resumed) if resumed else {}  # to continue the same W&B run and log
-        run_name = cfg.run_name or f"{cfg.algo.name}-{cfg.model.name}-s{cfg.seed}"
-        plain_cfg = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-        with RunLogger(run_dir, cfg.logger, plain_cfg, run_name, total_steps=cfg.trainer.max_steps,
-                       enabled=env.is_main, resume_id=saved.get("wandb_id"), start_step=saved.get("step", 0)) as logger:
-            for pitfall in pitfalls:
-                logger.print(f"warning: {pitfall}")
-            policy, tokenizer, task, state = setup(cfg, run_dir, env, logger.print)
-            ctx = make_context(cfg, policy, tokenizer, task, env, state)
-            return run_loop(cfg, run_dir, policy, ctx, state, logger)
-    finally:
+        record = train_in_group(cfg, run_dir, env)
+    except BaseException:
         shutdown(env)
+        raise
+    # The model, its DDP reducer and the optimizer died with train_in_group's frame, while the
+    # process group was still registered. Had the reducer outlived destroy_process_group, its
+    # release would run the gloo group's destructor, which joins the group's worker threads
+    # while holding the GIL that a worker needs to free its last tensors: a deadlock after a
+    # finished run (seen in CI). Cycles are collected and the ranks meet before the group goes.
+    gc.collect()
+    barrier(env)
+    shutdown(env)
+    return record
+
+
+def train_in_group(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict[str, Any]:
+    """Everything that holds the model and the process group; all of it is freed on return."""
+    check_config(cfg, env)
+    check_shared_run_dir(run_dir, env)
+    pitfalls = config_pitfalls(cfg)
+    for pitfall in pitfalls:
+        warnings.warn(pitfall, stacklevel=3)
+    resumed = resume_point(cfg, run_dir)
+    saved = load_trainer_state(resumed) if resumed else {}  # to continue the same W&B run and log
+    run_name = cfg.run_name or f"{cfg.algo.name}-{cfg.model.name}-s{cfg.seed}"
+    plain_cfg = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    with RunLogger(run_dir, cfg.logger, plain_cfg, run_name, total_steps=cfg.trainer.max_steps,
+                   enabled=env.is_main, resume_id=saved.get("wandb_id"), start_step=saved.get("step", 0)) as logger:
+        for pitfall in pitfalls:
+            logger.print(f"warning: {pitfall}")
+        policy, tokenizer, task, state = setup(cfg, run_dir, env, logger.print)
+        ctx = make_context(cfg, policy, tokenizer, task, env, state)
+        return run_loop(cfg, run_dir, policy, ctx, state, logger)
 
 
 def run_loop(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, state: TrainState,
