@@ -315,6 +315,10 @@ class HardwareConfig:
     gather_for_rollout: bool = True
     """FSDP2: all-gather the parameters once per rollout and generate on the full model (each
     rank holds it while sampling), instead of gathering every layer at every decoded token."""
+    load_from_rank0: bool = True
+    """FSDP2: rank 0 alone reads the checkpoint; the other ranks build the model on the meta device
+    and receive their shards by broadcast (the KL reference too), so no rank but rank 0 ever holds a
+    full copy. false: every rank loads the whole model, then shards it. DDP keeps a full replica per rank."""
     rdzv_endpoint: Optional[str] = None
     """host:port of torchrun's c10d rendezvous for several nodes; unset on one node."""
     rdzv_id: str = "gspo"

@@ -191,3 +191,69 @@ def evaluation_worker(rank: int, world: int, port: int, model_dir: str, out_file
     if rank == 0:
         torch.save({"metrics": metrics, "samples": samples}, out_file)
     shutdown(env)
+
+
+def proc_status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS: resident now; VmHWM: peak resident of this
+    process image). Not `ru_maxrss`: across fork + exec it keeps the parent's peak, here pytest's."""
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    return int(line.split()[1]) * 1024  # kB
+
+
+def rank0_loading_worker(rank: int, world: int, port: int, model_dir: str, mode: str, out_file: str) -> None:
+    """Load `model_dir` FSDP2-sharded, read by rank 0 alone (`mode="rank0"`) or by every rank
+    (`"every-rank"`); save this rank's resident memory just before loading and its peak
+    after, and (rank 0) the gathered weights, buffers and log-probabilities of a fixed batch."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from gspo_cli.models.loading import build_empty_model
+    from gspo_cli.rollout.scoring import response_logprobs
+    from gspo_cli.train.sharded_loading import load_sharded_from_rank0
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    env = init_distributed("cpu")
+    resident_before = proc_status_bytes("VmRSS")
+    if mode == "rank0":
+        model = load_sharded_from_rank0(lambda: load_model(model_dir), lambda: build_empty_model(model_dir), env)
+    else:
+        model = wrap_model(load_model(model_dir), "fsdp", env)
+    peak_after = proc_status_bytes("VmHWM")
+    input_ids = torch.arange(2 * 6).reshape(2, 6) % 11 + 3
+    with torch.no_grad():
+        logp = response_logprobs(model, input_ids, torch.ones_like(input_ids), 3)
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    torch.save({"resident_before": resident_before, "peak_after": peak_after, "logp": logp, "weights": weights,
+                "buffers": buffers}, f"{out_file}.{rank}")
+    shutdown(env)
+
+
+def dynamic_sampling_worker(rank: int, world: int, port: int, model_dir: str, out_file: str) -> None:
+    """DAPO's dynamic sampling on FSDP2 ranks whose needs differ: on rank 0 every group is
+    informative at once, on rank 1 none before its third draw. Saves how often each rank drew."""
+    from gspo_cli.data.tasks import PromptStream
+    from gspo_cli.train.steps import collect_rollout
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    env = init_distributed("cpu")
+    model, ctx = evaluation_context(model_dir, env)
+    algo, tc = ctx.cfg.algo, ctx.cfg.trainer
+    algo.dynamic_sampling, algo.max_refill_rounds = True, 3
+    tc.prompts_per_step, tc.group_size, tc.max_new_tokens, tc.num_minibatches = 4, 2, 4, 1
+    draws = []
+
+    def score(completions, answers, num_tokens=None, max_tokens=None):
+        draws.append(len(completions))
+        informative = rank == 0 or len(draws) >= 3
+        return [float(informative and i % 2) for i in range(len(completions))], {}
+
+    ctx.task.score = score
+    model = wrap_model(model, "fsdp", env)
+    batch, timings = collect_rollout(model, ctx, PromptStream(ctx.task.train, 0))
+    torch.save({"draws": len(draws), "refills": timings["sampling/refills"], "rewards": batch.rewards.tolist()},
+               f"{out_file}.{rank}")
+    shutdown(env)

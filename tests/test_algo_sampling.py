@@ -89,3 +89,17 @@ def test_overlong_penalty():
     # DAPO's share 0.2 of an 8-token limit: buffer 1.6, 7 tokens are 0.6 into it -> −0.6 / 1.6 = −0.375.
     assert overlong_penalty(lengths, 8, 1.6)[2].item() == pytest.approx(-0.375)
     assert overlong_penalty(lengths, 8, 0.0).tolist() == [0.0] * 4
+
+
+def test_a_full_rank_keeps_drawing_while_another_rank_is_short():
+    # This rank fills its 2 groups on the first draw; another rank is short for one more round
+    # (the all-reduce says so), so this rank draws once more, in lockstep, and keeps its first batch.
+    draws = iter([(make_rollout(1, 4, P=2, T=3), torch.tensor([0.0, 1.0, 1.0, 0.0])),
+                  (make_rollout(2, 4, P=2, T=3), torch.tensor([0.0, 1.0, 0.0, 1.0])),
+                  (make_rollout(3, 4, P=2, T=3), torch.tensor([0.0, 1.0, 0.0, 1.0]))])
+    others_short = iter([True, False])
+    filled = fill_with_informative_groups(lambda: next(draws), num_groups=2, group_size=2, max_refills=3,
+                                          pad_token_id=PAD, any_rank_short=lambda short: short or next(others_short))
+    assert filled.metrics["sampling/refills"] == 1.0  # two draws, as on the short rank
+    assert filled.rollout.completions == ["1-0", "1-1", "1-2", "1-3"] and filled.warning is None
+    assert next(draws)[0].completions[0] == "3-0"  # the third draw was never taken

@@ -84,6 +84,17 @@ def test_two_processes_leave_one_run_directory_with_one_line_per_step(tmp_path, 
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
+def test_dapo_dynamic_sampling_runs_on_two_fsdp_processes(tmp_path, cache_dir):
+    # A user's run of what was refused before; the lockstep of the draws is tests/test_dist.py's.
+    run_dir = tmp_path / "run"
+    result = run_gspo("train", *small_overrides(cache_dir, algo="dapo"), "logger=none", "hardware=cpu-2proc",
+                      "hardware.strategy=fsdp", "algo.max_refill_rounds=3", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert all(0 <= r["sampling/refills"] <= 3 for r in records[:2])
+
+
 def test_ls_lists_every_group_with_the_first_comment_of_each_option():
     from gspo_cli.cli import CONF_DIR, config_menu
 

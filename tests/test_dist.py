@@ -3,11 +3,13 @@ per-token normalisation over shards of unequal token counts; the logged metrics;
 evaluation), DCP checkpoints reshard, and FSDP2 rollouts gather the parameters once."""
 
 import socket
+import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from dist_workers import (
+    dynamic_sampling_worker,
     evaluation_context,
     evaluation_worker,
     generation_gathers_worker,
@@ -160,3 +162,20 @@ def test_sharded_evaluation_gives_the_one_process_figures(tmp_path, real_checkpo
     assert result["samples"] == samples[:5]
     assert result["metrics"] == pytest.approx(metrics, rel=1e-12)
     assert 0 < metrics["eval/accuracy"] < 1 and metrics["eval/response_length"] < 12  # answers, and stops
+
+
+def test_dynamic_sampling_keeps_fsdp_ranks_in_lockstep(tmp_path, real_checkpoint_dir):
+    """Rank 0 has its groups after one draw, rank 1 after three: both draw three times (FSDP2's
+    collective forward passes and the prompt stream stay aligned) and each keeps a full share."""
+    out = tmp_path / "draws"
+    context = mp.spawn(dynamic_sampling_worker, args=(2, free_port(), str(real_checkpoint_dir), str(out)),
+                       nprocs=2, join=False)
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=5):  # a rank left waiting in a collective would hang here
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the ranks did not finish: their draws are out of step")
+    ranks = [torch.load(f"{out}.{rank}") for rank in range(2)]
+    assert [r["draws"] for r in ranks] == [3, 3] and [r["refills"] for r in ranks] == [2.0, 2.0]
+    assert all(r["rewards"] == [0.0, 1.0] * 2 for r in ranks)  # 2 informative groups of 2 on each rank

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from gspo_cli.config import on_cpu_by_default
 from gspo_cli.models import logprob_head
@@ -54,6 +54,33 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
     )
+    return prepare_model(model, device, experts_implementation, fused_rms_norm, gradient_checkpointing).to(device)
+
+
+def build_empty_model(
+    path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
+    experts_implementation: str = "auto", fused_rms_norm: Optional[bool] = None,
+    gradient_checkpointing: bool = False,
+) -> PreTrainedModel:
+    """The model `load_model` returns for the same arguments, built from the checkpoint's config
+    alone with every parameter and buffer on the meta device: no memory, no weights read.
+
+    FSDP2 shards this skeleton, materialises each rank's shard, and receives the weights that
+    rank 0 read (`train.sharded_loading`). `device` only chooses the CPU kernels, as in `load_model`."""
+    if is_adapter_dir(path):  # merged adapters have the base model's structure
+        path = base_model_path(path)
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    return prepare_model(model, device, experts_implementation, fused_rms_norm, gradient_checkpointing)
+
+
+def prepare_model(model: PreTrainedModel, device: str, experts_implementation: str,
+                  fused_rms_norm: Optional[bool], gradient_checkpointing: bool) -> PreTrainedModel:
+    """The kernels, log-probability head and checkpointing `load_model` sets up (module structure
+    only: the same on a loaded model and on a meta-device skeleton)."""
     implementation = experts.choose(experts_implementation, device)
     if implementation is not None and is_moe(model) and hasattr(model, "set_experts_implementation"):
         if implementation == experts.NAME and not experts.REGISTERED:
@@ -64,8 +91,7 @@ def load_model(
     logprob_head.install(model)  # the plain projection until a scoring pass asks for log-probabilities
     if gradient_checkpointing:  # transformers' own: layer activations recomputed in the backward pass
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.to(device)
-
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -30,6 +30,7 @@ def fill_with_informative_groups(
     group_size: int,
     max_refills: int,
     pad_token_id: int,
+    any_rank_short: Callable[[bool], bool] = lambda short: short,
 ) -> FilledBatch:
     """DAPO's dynamic sampling: draw batches, keep the groups whose rewards differ, and draw
     again from new prompts until `num_groups` such groups are collected.
@@ -44,6 +45,11 @@ def fill_with_informative_groups(
         group_size: G.
         max_refills: cap on extra draws.
         pad_token_id: pads rollouts of different widths when they are stacked.
+        any_rank_short: with several processes, whether any rank still lacks groups, given this
+            rank's answer (an all-reduce). Every rank fills its own share from its own prompts and
+            draws until all ranks are full, so all draw the same number of times: the prompt
+            stream stays aligned and FSDP2's collective forward passes stay in lockstep. A rank
+            that is already full draws along and keeps only what it needs.
 
     Returns:
         `FilledBatch` with exactly `num_groups` groups (informative ones first), and metrics
@@ -59,7 +65,7 @@ def fill_with_informative_groups(
             if rows.numel():
                 store.append((rollout_rows(rollout, rows), rewards[rows]))
         num_kept += int(keep.sum())
-        if num_kept >= num_groups:
+        if not any_rank_short(num_kept < num_groups):
             break
     warning = None
     if num_kept < num_groups:

@@ -145,17 +145,24 @@ def wrap_model(model: torch.nn.Module, strategy: str, env: DistEnv, precision: s
         device_ids = [env.local_rank] if env.device.startswith("cuda") else None
         return DistributedDataParallel(model, device_ids=device_ids)
     if strategy == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if precision == "bf16" else MixedPrecisionPolicy()
-        # the decoder layers of the Hugging Face model (under `peft`: the model its wrapper holds)
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        for layer in inner.model.layers:
-            fully_shard(layer, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
-        return model
+        return shard_with_fsdp(model, precision)
     raise ValueError(f"hardware.strategy={strategy!r} is not one of ['ddp', 'fsdp']")
+
+
+def shard_with_fsdp(model: torch.nn.Module, precision: str = "fp32") -> torch.nn.Module:
+    """FSDP2 `fully_shard` on every decoder layer, then on the root (in place; returns `model`).
+
+    A model on the meta device stays there: `to_empty` then materialises each rank's shards."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if precision == "bf16" else MixedPrecisionPolicy()
+    # the decoder layers of the Hugging Face model (under `peft`: the model its wrapper holds)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in inner.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
 
 
 def gradient_sync(model: torch.nn.Module, enabled: bool):

@@ -27,7 +27,7 @@ from gspo_cli.algo.losses import LOSSES
 from gspo_cli.algo.rollout_correction import CORRECTIONS
 from gspo_cli.config import TrainConfig
 from gspo_cli.data.tasks import PromptStream, Task, build_task
-from gspo_cli.models.loading import load_model, load_tokenizer
+from gspo_cli.models.loading import build_empty_model, load_model, load_tokenizer
 from gspo_cli.models.lora import AdaptersOff, add_adapters, is_adapted, load_adapters, trainable_parameters
 from gspo_cli.models.routing import MoERouting, is_moe
 from gspo_cli.report.logs import RunLogger
@@ -45,6 +45,7 @@ from gspo_cli.train.distributed import (DistEnv, barrier, check_shared_run_dir, 
                                         init_distributed, shutdown, unwrap, wrap_model)
 from gspo_cli.train.guards import BadStepCounter, CollapseMonitor, NoSignalMonitor, TrainingDiverged
 from gspo_cli.train.host import configure_host
+from gspo_cli.train.sharded_loading import load_sharded_from_rank0
 from gspo_cli.train.precision import autocast
 from gspo_cli.train.steps import (
     StepContext,
@@ -103,8 +104,6 @@ def check_config(cfg: TrainConfig, env: DistEnv) -> None:
         raise ValueError(f"hardware.precision={cfg.hardware.precision!r} is not one of ['bf16', 'fp32']")
     if cfg.hardware.strategy not in ("ddp", "fsdp"):
         raise ValueError(f"hardware.strategy={cfg.hardware.strategy!r} is not one of ['ddp', 'fsdp']")
-    if algo.dynamic_sampling and env.distributed:
-        raise ValueError("algo.dynamic_sampling refills batches per rank; it runs in one process only for now")
 
 
 def config_pitfalls(cfg: TrainConfig) -> list[str]:
@@ -161,6 +160,15 @@ def load_policy(cfg: TrainConfig, start_path: str, saved_model: Optional[Path], 
     return add_adapters(policy, mc.lora, cfg.seed)
 
 
+def empty_policy(cfg: TrainConfig, start_path: str, device: str):
+    """`load_policy`'s module structure on the meta device (adapters included), for sharded loading;
+    `device` chooses the kernels, as in `load_model`."""
+    mc = cfg.model
+    model = build_empty_model(start_path, mc.dtype, device, mc.trust_remote_code, mc.experts_implementation,
+                              mc.fused_rms_norm, mc.gradient_checkpointing)
+    return add_adapters(model, mc.lora, cfg.seed) if mc.lora.rank > 0 else model
+
+
 def setup(cfg: TrainConfig, run_dir: Path, env: DistEnv, log) -> tuple[Any, Any, Task, TrainState]:
     """Load task, model (from a checkpoint when resuming), optimizer and stream."""
     tc = cfg.trainer
@@ -175,13 +183,17 @@ def setup(cfg: TrainConfig, run_dir: Path, env: DistEnv, log) -> tuple[Any, Any,
     sharded = resume_from is not None and is_sharded(resume_from)
     start_path = resolve_model_path(cfg, task, log)
     saved_model = resume_from / "model" if resume_from and not sharded else None
-    policy = load_policy(cfg, start_path, saved_model, env.device)
+    if env.distributed and cfg.hardware.strategy == "fsdp" and cfg.hardware.load_from_rank0:
+        policy = load_sharded_from_rank0(lambda: load_policy(cfg, start_path, saved_model, "cpu"),
+                                         lambda: empty_policy(cfg, start_path, env.device), env, cfg.hardware.precision)
+    else:
+        policy = wrap_model(load_policy(cfg, start_path, saved_model, env.device), cfg.hardware.strategy, env,
+                            cfg.hardware.precision)
     if is_adapted(policy):
         log(f"model.lora: {sum(p.numel() for p in trainable_parameters(policy)):,} of "
             f"{sum(p.numel() for p in policy.parameters()):,} parameters train")
     tokenizer = load_tokenizer(str(saved_model or start_path), cfg.model.trust_remote_code)
     task = task.for_tokenizer(tokenizer)  # the chat template, when task.chat_template is set
-    policy = wrap_model(policy, cfg.hardware.strategy, env, cfg.hardware.precision)
     optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=tc.lr, weight_decay=tc.weight_decay,
                                   fused=cfg.hardware.fused_adamw)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -216,9 +228,15 @@ def make_context(cfg: TrainConfig, policy, tokenizer, task: Task, env: DistEnv, 
     if cfg.algo.kl_coef != 0 and is_adapted(model):  # the base model is the policy with its adapters off
         ref_model = AdaptersOff(model)
     elif cfg.algo.kl_coef != 0:  # a frozen copy of the starting policy, loaded only when needed
+        mc, hw = cfg.model, cfg.hardware
         start = resolve_model_path(cfg, task, print)
-        ref_model = load_model(start, cfg.model.dtype, env.device, cfg.model.trust_remote_code,
-                               cfg.model.experts_implementation, cfg.model.fused_rms_norm)
+        kernels = (mc.trust_remote_code, mc.experts_implementation, mc.fused_rms_norm)
+        if env.distributed and hw.strategy == "fsdp" and hw.load_from_rank0:  # sharded like the policy
+            ref_model = load_sharded_from_rank0(lambda: load_model(start, mc.dtype, "cpu", *kernels),
+                                                lambda: build_empty_model(start, mc.dtype, env.device, *kernels),
+                                                env, hw.precision)
+        else:
+            ref_model = load_model(start, mc.dtype, env.device, *kernels)
         ref_model.eval().requires_grad_(False)
     return StepContext(cfg, task, tokenizer, env, state.generator, routing, ref_model, state.sampling_generator)
 

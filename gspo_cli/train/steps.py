@@ -208,7 +208,8 @@ def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Bat
     draw = lambda: sample_and_score(sampler, ctx, stream, timings)  # noqa: E731
     if algo.dynamic_sampling:
         filled = fill_with_informative_groups(draw, tc.prompts_per_step // ctx.env.world_size, tc.group_size,
-                                              algo.max_refill_rounds, ctx.tokenizer.pad_token_id)
+                                              algo.max_refill_rounds, ctx.tokenizer.pad_token_id,
+                                              lambda short: all_reduce_any(short, ctx.env))
         rollout, rewards = filled.rollout, filled.rewards
         timings.update(filled.metrics)
         if filled.warning:

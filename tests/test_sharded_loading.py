@@ -1,0 +1,84 @@
+"""FSDP2 loading where only rank 0 reads the checkpoint (`hardware.load_from_rank0`): every rank
+ends with the checkpoint's weights and buffers, and rank 1 never holds the whole model."""
+
+import json
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from dist_workers import rank0_loading_worker
+from test_cli import run_gspo
+from test_dist import free_port
+from test_train import small_overrides
+
+from gspo_cli.models.loading import load_model
+from gspo_cli.rollout.scoring import response_logprobs
+
+
+def load_on_two_ranks(model_dir, mode: str, tmp_path) -> list[dict]:
+    out = tmp_path / mode
+    mp.spawn(rank0_loading_worker, args=(2, free_port(), str(model_dir), mode, str(out)), nprocs=2)
+    return [torch.load(f"{out}.{rank}") for rank in range(2)]
+
+
+def test_every_rank_gets_the_checkpoint_weights_and_buffers(tmp_path, tiny_model_dir):
+    ranks = load_on_two_ranks(tiny_model_dir, "rank0", tmp_path)
+    model = load_model(tiny_model_dir)
+    expected = model.state_dict()
+    assert set(ranks[0]["weights"]) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(ranks[0]["weights"][name], tensor, rtol=0, atol=0, msg=name)
+    for rank in ranks:  # the rotary frequencies are in no state dict: broadcast from rank 0
+        assert rank["buffers"].keys() == dict(model.named_buffers()).keys()
+        for name, buffer in model.named_buffers():
+            torch.testing.assert_close(rank["buffers"][name], buffer, rtol=0, atol=0, msg=name)
+    input_ids = torch.arange(2 * 6).reshape(2, 6) % 11 + 3
+    with torch.no_grad():
+        logp = response_logprobs(model, input_ids, torch.ones_like(input_ids), 3)
+    for rank in ranks:
+        torch.testing.assert_close(rank["logp"], logp, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def model_of_380_mb(tmp_path_factory):
+    """A dense Qwen3 of 95M parameters in fp32 (24 layers; its largest tensor 4 MB), saved as a checkpoint."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=1024, hidden_size=512, intermediate_size=2048, num_hidden_layers=24,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model-380mb")
+    model = Qwen3ForCausalLM(config)
+    model.save_pretrained(path)
+    return path, sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_rank1_holds_its_shard_not_the_model_while_loading(tmp_path, model_of_380_mb):
+    model_dir, size = model_of_380_mb
+    assert size > 350e6
+    growth = {}
+    for mode in ("rank0", "every-rank"):
+        rank1 = load_on_two_ranks(model_dir, mode, tmp_path)[1]
+        growth[mode] = rank1["peak_after"] - rank1["resident_before"]
+    # rank 1 ends with half the model (its shard); reading the checkpoint itself costs all of it
+    # (safetensors are memory-mapped: a page counts once touched, hence the real paths compared)
+    assert growth["rank0"] < 0.65 * size, (growth, size)
+    assert growth["every-rank"] > 0.95 * size, (growth, size)
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])  # a sharded frozen reference; adapters built on the skeleton
+def test_a_two_process_fsdp_run_with_a_kl_reference_does_not_depend_on_who_reads_the_checkpoint(
+        lora_rank, tmp_path, cache_dir):
+    records = {}
+    for load_from_rank0 in ("true", "false"):
+        run_dir = tmp_path / f"run-{load_from_rank0}"
+        result = run_gspo("train", *small_overrides(cache_dir), "logger=none", "hardware=cpu-2proc",
+                          "hardware.strategy=fsdp", f"hardware.load_from_rank0={load_from_rank0}",
+                          "algo.kl_coef=0.1", f"model.lora.rank={lora_rank}", f"hydra.run.dir={run_dir}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        records[load_from_rank0] = [
+            {k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "memory/", "throughput/"))}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(records["true"]) == 3 and records["true"][0]["kl/ref"] > 0
+    assert records["true"] == records["false"]
