@@ -8,7 +8,7 @@ import torch
 from conftest import compose_train
 from test_train import STEP_METRICS, small_overrides
 
-import gspo_cli.train.loop as train_module
+import gspo_cli.train.model_loading as model_loading
 import gspo_cli.train.steps as steps
 from gspo_cli.algo.losses import LOSSES
 from gspo_cli.train.loop import train
@@ -25,8 +25,8 @@ def run(tmp_path, cache_dir, algo, extra=(), steps=2, monkeypatch=None):
     """Train `steps` steps; return the per-step metric records and how many models were loaded."""
     loads = []
     if monkeypatch is not None:
-        original = train_module.load_model
-        monkeypatch.setattr(train_module, "load_model", lambda *a, **k: loads.append(a) or original(*a, **k))
+        original = model_loading.load_model
+        monkeypatch.setattr(model_loading, "load_model", lambda *a, **k: loads.append(a) or original(*a, **k))
     cfg = compose_train(small_overrides(cache_dir, algo, steps) + ["logger=none", "trainer.save_final=false",
                                                                    *extra])
     train(cfg, tmp_path / "run")

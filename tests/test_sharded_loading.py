@@ -35,8 +35,8 @@ def test_every_rank_gets_the_checkpoint_weights_and_buffers(tmp_path, tiny_model
     input_ids = torch.arange(2 * 6).reshape(2, 6) % 11 + 3
     with torch.no_grad():
         logp = response_logprobs(model, input_ids, torch.ones_like(input_ids), 3)
-    for rank in ranks:
-        torch.testing.assert_close(rank["logp"], logp, rtol=0, atol=0)
+    for rank in ranks:  # the same weights through FSDP2's gathered parameters: equal up to rounding
+        torch.testing.assert_close(rank["logp"], logp)
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,8 @@ from gspo_cli.algo.losses import LOSSES
 from gspo_cli.algo.rollout_correction import CORRECTIONS
 from gspo_cli.config import TrainConfig
 from gspo_cli.data.tasks import PromptStream, Task, build_task
-from gspo_cli.models.loading import build_empty_model, load_model, load_tokenizer
-from gspo_cli.models.lora import AdaptersOff, add_adapters, is_adapted, load_adapters, trainable_parameters
+from gspo_cli.models.loading import load_tokenizer
+from gspo_cli.models.lora import AdaptersOff, is_adapted, trainable_parameters
 from gspo_cli.models.routing import MoERouting, is_moe
 from gspo_cli.report.logs import RunLogger
 from gspo_cli.train.checkpoint import (
@@ -42,10 +42,10 @@ from gspo_cli.train.checkpoint import (
     set_rng_state,
 )
 from gspo_cli.train.distributed import (DistEnv, barrier, check_shared_run_dir, gathered_for_generation,
-                                        init_distributed, shutdown, unwrap, wrap_model)
+                                        init_distributed, shutdown, unwrap)
 from gspo_cli.train.guards import BadStepCounter, CollapseMonitor, NoSignalMonitor, TrainingDiverged
 from gspo_cli.train.host import configure_host
-from gspo_cli.train.sharded_loading import load_sharded_from_rank0
+from gspo_cli.train.model_loading import load_policy, load_reference
 from gspo_cli.train.precision import autocast
 from gspo_cli.train.steps import (
     StepContext,
@@ -145,30 +145,6 @@ class TrainState:
 # ---------------------------------------------------------------------------- set-up
 
 
-def load_policy(cfg: TrainConfig, start_path: str, saved_model: Optional[Path], device: str):
-    """The policy to train: the starting model, or a checkpoint's; with `model.lora` the starting
-    model under adapters, fresh or the checkpoint's (a LoRA checkpoint holds the adapters only)."""
-    mc = cfg.model
-    lora_on = mc.lora.rank > 0
-    path = str(saved_model) if saved_model is not None and not lora_on else start_path
-    policy = load_model(path, mc.dtype, device, mc.trust_remote_code, mc.experts_implementation,
-                        mc.fused_rms_norm, mc.gradient_checkpointing)
-    if not lora_on:
-        return policy
-    if saved_model is not None:
-        return load_adapters(policy, saved_model, trainable=True)
-    return add_adapters(policy, mc.lora, cfg.seed)
-
-
-def empty_policy(cfg: TrainConfig, start_path: str, device: str):
-    """`load_policy`'s module structure on the meta device (adapters included), for sharded loading;
-    `device` chooses the kernels, as in `load_model`."""
-    mc = cfg.model
-    model = build_empty_model(start_path, mc.dtype, device, mc.trust_remote_code, mc.experts_implementation,
-                              mc.fused_rms_norm, mc.gradient_checkpointing)
-    return add_adapters(model, mc.lora, cfg.seed) if mc.lora.rank > 0 else model
-
-
 def setup(cfg: TrainConfig, run_dir: Path, env: DistEnv, log) -> tuple[Any, Any, Task, TrainState]:
     """Load task, model (from a checkpoint when resuming), optimizer and stream."""
     tc = cfg.trainer
@@ -183,12 +159,7 @@ def setup(cfg: TrainConfig, run_dir: Path, env: DistEnv, log) -> tuple[Any, Any,
     sharded = resume_from is not None and is_sharded(resume_from)
     start_path = resolve_model_path(cfg, task, log)
     saved_model = resume_from / "model" if resume_from and not sharded else None
-    if env.distributed and cfg.hardware.strategy == "fsdp" and cfg.hardware.load_from_rank0:
-        policy = load_sharded_from_rank0(lambda: load_policy(cfg, start_path, saved_model, "cpu"),
-                                         lambda: empty_policy(cfg, start_path, env.device), env, cfg.hardware.precision)
-    else:
-        policy = wrap_model(load_policy(cfg, start_path, saved_model, env.device), cfg.hardware.strategy, env,
-                            cfg.hardware.precision)
+    policy = load_policy(cfg, start_path, saved_model, env)  # wrapped: DDP, FSDP2 or as is
     if is_adapted(policy):
         log(f"model.lora: {sum(p.numel() for p in trainable_parameters(policy)):,} of "
             f"{sum(p.numel() for p in policy.parameters()):,} parameters train")
@@ -228,16 +199,7 @@ def make_context(cfg: TrainConfig, policy, tokenizer, task: Task, env: DistEnv, 
     if cfg.algo.kl_coef != 0 and is_adapted(model):  # the base model is the policy with its adapters off
         ref_model = AdaptersOff(model)
     elif cfg.algo.kl_coef != 0:  # a frozen copy of the starting policy, loaded only when needed
-        mc, hw = cfg.model, cfg.hardware
-        start = resolve_model_path(cfg, task, print)
-        kernels = (mc.trust_remote_code, mc.experts_implementation, mc.fused_rms_norm)
-        if env.distributed and hw.strategy == "fsdp" and hw.load_from_rank0:  # sharded like the policy
-            ref_model = load_sharded_from_rank0(lambda: load_model(start, mc.dtype, "cpu", *kernels),
-                                                lambda: build_empty_model(start, mc.dtype, env.device, *kernels),
-                                                env, hw.precision)
-        else:
-            ref_model = load_model(start, mc.dtype, env.device, *kernels)
-        ref_model.eval().requires_grad_(False)
+        ref_model = load_reference(cfg, resolve_model_path(cfg, task, print), env)
     return StepContext(cfg, task, tokenizer, env, state.generator, routing, ref_model, state.sampling_generator)
 
 
