@@ -53,7 +53,10 @@ class WarmStartConfig:
     enabled: bool = False
     """Run the warm start (only meaningful for models the tool builds itself)."""
     target_accuracy: float = 0.55
-    """Stop once greedy accuracy on a slice of the *training* prompts reaches this."""
+    """Stop at the step whose greedy accuracy on a probe of training prompts (left out of the warm
+    start's own training when there are enough) is nearest this."""
+    tolerance: float = 0.02
+    """A check whose probe accuracy is within this of the target ends the warm start at once."""
     max_steps: int = 3000
     """Upper bound on supervised steps."""
     check_every: int = 50

@@ -11,7 +11,8 @@ from gspo_cli.config import TaskConfig, WarmStartConfig
 from gspo_cli.data.tasks import build_task
 from gspo_cli.rollout.evaluation import greedy_eval
 from gspo_cli.train.loop import resolve_model_path
-from gspo_cli.train.warmstart import PROBE_SIZE, warm_start
+from gspo_cli.train import warmstart
+from gspo_cli.train.warmstart import PROBE_SIZE, probe_and_pool, warm_start
 
 
 @pytest.mark.slow  # about 100 supervised steps: ~40 s on a quiet 2-core machine, minutes on a busy one
@@ -53,3 +54,25 @@ def test_responses_too_short_for_the_reference_fail_with_the_setting_to_change(t
     with pytest.raises(ValueError, match=r"trainer.max_new_tokens=8 .*trainer.max_new_tokens>=3\d"):
         warm_start(model, tokenizer, task, WarmStartConfig(enabled=True, max_steps=2, check_every=1),
                    max_new_tokens=8, log=print)
+
+
+def test_the_probe_is_left_out_of_training_when_the_split_is_large_enough():
+    problems = build_task(TaskConfig(num_problems=3000, num_eval=256)).train
+    probe, pool = probe_and_pool(problems)
+    assert len(probe) == PROBE_SIZE and len(probe) + len(pool) == len(problems)
+    assert not {p.prompt for p in probe} & {p.prompt for p in pool}
+    small = problems[:4 * PROBE_SIZE - 1]  # a small file trains on all of its problems
+    assert probe_and_pool(small)[1] == small
+
+
+def test_a_check_within_the_tolerance_ends_the_warm_start_there(tiny_model, monkeypatch):
+    # Scripted probe accuracies, checked every step: 0.10, then 0.44 (0.01 under the target). The
+    # warm start ends at step 2; without the tolerance it would train on until the probe passes 0.45.
+    model, tokenizer = tiny_model
+    accuracies = iter([0.10, 0.44, 0.30, 0.60, 0.60, 0.60])
+    monkeypatch.setattr(warmstart, "greedy_eval",
+                        lambda *args, **kwargs: ({"eval/accuracy": next(accuracies)}, []))
+    task = build_task(TaskConfig(max_operand=9, num_eval=20))
+    cfg = WarmStartConfig(enabled=True, target_accuracy=0.45, tolerance=0.02, check_every=1, max_steps=10)
+    summary = warm_start(model, tokenizer, task, cfg, max_new_tokens=4, log=print)
+    assert (summary["steps"], summary["probe_accuracy"]) == (2, 0.44)
