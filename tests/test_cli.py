@@ -9,10 +9,10 @@ import pytest
 from test_train import small_overrides
 
 
-def run_gspo(*args, cwd=None):
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+def run_gspo(*args, cwd=None, env=None, timeout=300):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
     return subprocess.run([sys.executable, "-m", "gspo_cli", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)
+                          cwd=cwd, timeout=timeout)
 
 
 def test_train_writes_a_hydra_run_directory_and_plot(tmp_path, cache_dir):

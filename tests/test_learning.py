@@ -1,12 +1,10 @@
 """The acceptance runs of the default configuration (slow: two minutes each on 2 cores)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from conftest import compose_train
+from test_cli import run_gspo
 
 from gspo_cli.train.loop import train
 
@@ -49,11 +47,9 @@ def test_the_default_demo_gains_from_every_warm_start_on_other_floating_point_pa
     """`gspo train` with the defaults, its warm start trained anew (an empty cache) on this path:
     the base lands near its target and GSPO gains at least 15 points."""
     overrides, env = FLOATING_POINT_PATHS[path]
-    result = subprocess.run(
-        [sys.executable, "-m", "gspo_cli", "train", f"cache_dir={tmp_path / 'cache'}", "logger=none",
-         "trainer.save_final=false", f"model.warm_start.seed={warm_start_seed}", *overrides,
-         f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, timeout=1200, env={**os.environ, **env})
+    result = run_gspo("train", f"cache_dir={tmp_path / 'cache'}", "logger=none", "trainer.save_final=false",
+                      f"model.warm_start.seed={warm_start_seed}", *overrides, f"hydra.run.dir={tmp_path / 'run'}",
+                      env=env, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first, last = records[0]["eval/accuracy"], records[-1]["eval/accuracy"]

@@ -23,6 +23,13 @@ from gspo_cli.models.routing import is_moe
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of `model.dtype`."""
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype={name!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer set up for batched generation: left padding and a pad token."""
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
@@ -49,11 +56,7 @@ def load_model(
         base = load_model(base_model_path(path), dtype, device, trust_remote_code, experts_implementation,
                           fused_rms_norm, gradient_checkpointing)
         return load_adapters(base, path, trainable=False).merge_and_unload()
-    if dtype not in DTYPES:
-        raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}")
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
-    )
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
     return prepare_model(model, device, experts_implementation, fused_rms_norm, gradient_checkpointing).to(device)
 
 
@@ -69,11 +72,9 @@ def build_empty_model(
     rank 0 read (`train.sharded_loading`). `device` only chooses the CPU kernels, as in `load_model`."""
     if is_adapter_dir(path):  # merged adapters have the base model's structure
         path = base_model_path(path)
-    if dtype not in DTYPES:
-        raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}")
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
     return prepare_model(model, device, experts_implementation, fused_rms_norm, gradient_checkpointing)
 
 

@@ -8,6 +8,7 @@ world size: sums are all-reduced, and losses are normalised by global counts.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import secrets
 from dataclasses import dataclass
@@ -220,7 +221,19 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def shutdown(env: DistEnv) -> None:
-    """Leave the process group."""
-    if env.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(env: DistEnv, finished: bool = False) -> None:
+    """Leave the process group; `finished`: after a successful run, whose models the caller has
+    already released.
+
+    A DDP reducer (or FSDP2 state) that outlives `destroy_process_group` holds the last reference
+    to the gloo group, and its release then runs the group's destructor, which joins the group's
+    worker threads while holding the GIL that a worker needs to free its last tensors: a deadlock
+    after a finished run (seen in CI). So a finished run collects its cycles and the ranks meet
+    before the group goes; after a failure no rank waits for the others.
+    """
+    if not (env.distributed and dist.is_initialized()):
+        return
+    if finished:
+        gc.collect()
+        dist.barrier()
+    dist.destroy_process_group()

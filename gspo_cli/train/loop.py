@@ -6,7 +6,6 @@ itself is `loop_steps`; what each step does is in `steps.py`.
 
 from __future__ import annotations
 
-import gc
 import random
 import resource
 import signal
@@ -239,19 +238,13 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     except BaseException:
         shutdown(env)
         raise
-    # The model, its DDP reducer and the optimizer died with train_in_group's frame, while the
-    # process group was still registered. Had the reducer outlived destroy_process_group, its
-    # release would run the gloo group's destructor, which joins the group's worker threads
-    # while holding the GIL that a worker needs to free its last tensors: a deadlock after a
-    # finished run (seen in CI). Cycles are collected and the ranks meet before the group goes.
-    gc.collect()
-    barrier(env)
-    shutdown(env)
+    shutdown(env, finished=True)  # the model and its DDP reducer died with train_in_group's frame
     return record
 
 
 def train_in_group(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict[str, Any]:
-    """Everything that holds the model and the process group; all of it is freed on return."""
+    """Everything that holds the model and the process group; all of it is freed on return,
+    before the group is destroyed (`distributed.shutdown`)."""
     check_config(cfg, env)
     check_shared_run_dir(run_dir, env)
     pitfalls = config_pitfalls(cfg)
