@@ -68,6 +68,10 @@ class WarmStartConfig:
     seed: int = 0
     """Seeds the model's initialisation and this phase; independent of the RL seed, so
     runs that differ only in `seed` (or `algo`) start from the same base."""
+    begin_from: Optional[dict[str, Any]] = None
+    """A curriculum: task keys (and `max_new_tokens`) of an easier warm start of the same model,
+    e.g. `{chain_length: 10, max_new_tokens: 136}`; that one is trained first (or reused from
+    the cache) and this one continues from its weights with a fresh optimizer."""
 
 
 @dataclass
@@ -138,6 +142,10 @@ class TaskConfig:
     chain_length: int = 8
     """Arithmetic-chain: operations per problem; the worked solution is about 8 tokens per
     operation plus 7 (3 → ~30 tokens, 62 → ~500)."""
+    chain_form: str = "listed"
+    """Arithmetic-chain: `listed`, the prompt lists every operation ("37+5-3="); `repeated`, one
+    operation applied chain_length times ("37+5x3="), lines numbered by a countdown, so each line
+    follows from the one before: ~12 tokens per operation plus 8 (9 → ~117, 40 → ~490)."""
     num_problems: int = 10000
     """Arithmetic-chain: distinct problems generated (training and held-out together)."""
     num_eval: int = 256

@@ -14,6 +14,7 @@ from wandb_files import read_finished_wandb_log
 
 from gspo_cli.cli import CONF_DIR, sweep_arguments
 from gspo_cli.config import register_configs
+from gspo_cli.data.tasks import build_task
 from gspo_cli.report.sweep import DEFAULT_TARGET, grid
 
 
@@ -160,7 +161,10 @@ def test_the_length_study_sweeps_three_response_lengths_with_room_for_each():
     for job in jobs:
         cfg = compose_train(job)
         assert cfg.model.name == "small-qwen3-moe" and cfg.task.name == "arithmetic-chain"
-        # the longest reference is 8 tokens per operation + 8: the limit leaves room for it
-        assert 8 * cfg.task.chain_length + 8 <= cfg.trainer.max_new_tokens <= 8 * cfg.task.chain_length + 32
+        assert cfg.task.chain_form == "repeated"  # the same form at every length: only the length differs
+        # the limit leaves room for the longest reference (end token included), and not much more
+        task = build_task(cfg.task)
+        longest = max(len(p.answer) + 1 for p in task.train + task.eval)  # one token per character
+        assert longest <= cfg.trainer.max_new_tokens <= longest + 16, (cfg.task.chain_length, longest)
         lengths.setdefault(cfg.task.chain_length, set()).add(cfg.algo.name)
-    assert sorted(lengths) == [3, 14, 62] and all(len(algos) == 4 for algos in lengths.values())
+    assert sorted(lengths) == [2, 10, 39] and all(len(algos) == 4 for algos in lengths.values())

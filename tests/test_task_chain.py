@@ -6,7 +6,8 @@ import pytest
 from conftest import compose_train
 
 from gspo_cli.data.rewards import final_answer_match
-from gspo_cli.data.tasks import arithmetic_chain_problems, build_task, chain_problem
+from gspo_cli.data.tasks import (Problem, arithmetic_chain_problems, build_task, chain_problem,
+                                 repeated_chain_problem)
 from gspo_cli.models.build import build_char_tokenizer
 
 SOLUTION = "37+5=42\n42-3=39\n#### 39"
@@ -59,6 +60,29 @@ def test_a_chain_problem_by_hand():
     assert final_answer_match(problem.answer, problem.answer) == 1.0
 
 
+def test_a_repeated_chain_by_hand():
+    assert repeated_chain_problem(random.Random(0), 3, 9, "+") == repeated_chain_problem(random.Random(0), 3, 9, "+")
+    # Replay the generator's draws: the operator, the operand, then the start total.
+    for seed in range(20):
+        problem = repeated_chain_problem(random.Random(seed), 4, 9, "+-")
+        rng = random.Random(seed)
+        op, operand = rng.choice("+-"), rng.randint(1, 9)
+        start = rng.randint(0, 199) + (4 * operand if op == "-" else 0)
+        assert problem.prompt == f"{start}{op}{operand}x4="
+        lines = problem.answer.split("\n")
+        assert len(lines) == 5
+        total = start
+        for count, line in zip((4, 3, 2, 1), lines):  # counted down, each line from the last total
+            new = total + operand if op == "+" else total - operand
+            assert line == f"{count}:{total}{op}{operand}={new}" and new >= 0
+            total = new
+        assert lines[-1] == f"#### {total}" and final_answer_match(problem.answer, problem.answer) == 1.0
+    # By hand: 37+5 three times (draws fixed: operator "+", operand 5, start 37).
+    draws = iter([5, 37])
+    fixed = type("Fixed", (), {"choice": lambda self, ops: "+", "randint": lambda self, lo, hi: next(draws)})()
+    assert repeated_chain_problem(fixed, 3, 9, "+") == Problem("37+5x3=", "3:37+5=42\n2:42+5=47\n1:47+5=52\n#### 52")
+
+
 def test_chain_problems_are_distinct_and_seeded():
     first = arithmetic_chain_problems(500, 2, 9, "+-", seed=3)
     assert len({p.prompt for p in first}) == 500
@@ -66,12 +90,19 @@ def test_chain_problems_are_distinct_and_seeded():
     assert first != arithmetic_chain_problems(500, 2, 9, "+-", seed=4)
     with pytest.raises(ValueError, match=r"\+-"):
         arithmetic_chain_problems(10, 2, 9, "*", seed=0)
+    with pytest.raises(ValueError, match="chain_form"):
+        arithmetic_chain_problems(10, 2, 9, "+-", seed=0, form="nested")
+    repeated = arithmetic_chain_problems(500, 10, 9, "+-", seed=3, form="repeated")
+    assert len({p.prompt for p in repeated}) == 500 and all("x10=" in p.prompt for p in repeated)
 
 
-@pytest.mark.parametrize("chain_length,low,high", [(3, 25, 35), (8, 60, 80), (62, 470, 520)])
-def test_chain_length_sets_the_reference_length_in_tokens(chain_length, low, high):
+@pytest.mark.parametrize("form,chain_length,low,high", [
+    ("listed", 3, 25, 35), ("listed", 8, 60, 80), ("listed", 62, 470, 520),
+    ("repeated", 2, 28, 34), ("repeated", 10, 115, 128), ("repeated", 39, 480, 505),
+])
+def test_chain_length_sets_the_reference_length_in_tokens(form, chain_length, low, high):
     cfg = compose_train(["task=arithmetic-chain", f"task.chain_length={chain_length}", "task.num_problems=400",
-                         "task.num_eval=40"])
+                         "task.num_eval=40", f"task.chain_form={form}"])
     task = build_task(cfg.task)
     tokenizer = build_char_tokenizer()
     # The response the warm start teaches: the worked solution and the end-of-sequence token.

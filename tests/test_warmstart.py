@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import compose_train
 from test_train import small_overrides
 
@@ -76,3 +77,40 @@ def test_a_check_within_the_tolerance_ends_the_warm_start_there(tiny_model, monk
     cfg = WarmStartConfig(enabled=True, target_accuracy=0.45, tolerance=0.02, check_every=1, max_steps=10)
     summary = warm_start(model, tokenizer, task, cfg, max_new_tokens=4, log=print)
     assert (summary["steps"], summary["probe_accuracy"]) == (2, 0.44)
+
+
+def test_begin_from_trains_the_easier_warm_start_first_and_continues_from_its_weights(tmp_path, monkeypatch):
+    """`model.warm_start.begin_from` (a curriculum): the named warm start is trained (or reused),
+    and the longer one begins from its saved weights, not from the freshly built model."""
+    from gspo_cli.models.loading import load_model
+
+    def checksum(model) -> float:
+        return sum(float(p.double().sum()) for p in model.state_dict().values())
+
+    stages = []  # (chain_length, checksum of the weights the stage began from)
+
+    def fake_warm_start(model, tokenizer, task, cfg, max_new_tokens, log):
+        stages.append((len(task.train[0].answer.split("\n")) - 1, max_new_tokens, checksum(model)))
+        with torch.no_grad():  # a stand-in for training: every stage moves the weights
+            next(model.parameters()).add_(1.0)
+        return {"steps": 1}
+
+    monkeypatch.setattr(warmstart, "warm_start", fake_warm_start)
+    common = ["experiment=paper", f"cache_dir={tmp_path}", "task.num_problems=300", "task.num_eval=20"]
+    medium, long = compose_train(common + ["length=medium"]), compose_train(common + ["length=long"])
+    long.model.warm_start.begin_from = {"chain_length": 10, "max_new_tokens": 136}
+    built = load_model(warmstart.built_model_dir(long.model, tmp_path))
+
+    long_dir = warmstart.warm_started_dir(long.model, long.task, tmp_path, 512, build_task(long.task), log=print)
+    lines = []
+    medium_dir = warmstart.warm_started_dir(medium.model, medium.task, tmp_path, 136, build_task(medium.task),
+                                            log=lines.append)
+    assert "reusing" in lines[0]  # the curriculum's first stage is medium's own warm start
+    assert [(length, tokens) for length, tokens, _ in stages] == [(10, 136), (39, 512)]
+    assert stages[0][2] == checksum(built)  # the first stage began from the built model
+    assert stages[1][2] == checksum(load_model(medium_dir)) != checksum(built)  # the second from the first's result
+    assert checksum(load_model(long_dir)) != checksum(load_model(medium_dir))
+    long.model.warm_start.begin_from = {"chain_lenght": 10}
+    long.model.warm_start.seed = 1  # another cache key, so the stage is not reused
+    with pytest.raises(ValueError, match="chain_lenght"):
+        warmstart.warm_started_dir(long.model, long.task, tmp_path, 512, build_task(long.task), log=print)

@@ -123,9 +123,39 @@ def chain_problem(rng: random.Random, steps: int, max_operand: int, operators: s
     return Problem("".join(prompt) + "=", "\n".join(lines) + f"\n#### {total}")
 
 
+REPEATED_START_MAX = 199  # start totals of a repeated chain: enough distinct prompts for a 512-problem probe
+
+
+def repeated_chain_problem(rng: random.Random, steps: int, max_operand: int, operators: str) -> Problem:
+    """One operation applied `steps` times, each line numbered by a countdown:
+
+        Problem("37+5x3=", "3:37+5=42\n2:42+5=47\n1:47+5=52\n#### 52")
+
+    Every line follows from the line before it alone (the count goes down by one, the total
+    moves by the same operand), so a small model can learn chains of any length; in the listed
+    form each line must find its own operand in the prompt, which the embedded models could not
+    learn beyond a few operations (docs/experiments/paper.md). The operand is drawn from
+    [1, max_operand]; a subtracting chain starts high enough to stay at or above 0.
+    """
+    op = rng.choice(operators)
+    operand = rng.randint(1, max_operand)
+    total = rng.randint(0, REPEATED_START_MAX) + (operand * steps if op == "-" else 0)
+    prompt, lines = f"{total}{op}{operand}x{steps}=", []
+    for count in range(steps, 0, -1):
+        new = OPERATIONS[op](total, operand)
+        lines.append(f"{count}:{total}{op}{operand}={new}")
+        total = new
+    return Problem(prompt, "\n".join(lines) + f"\n#### {total}")
+
+
+CHAIN_FORMS = {"listed": chain_problem, "repeated": repeated_chain_problem}
+
+
 def arithmetic_chain_problems(num_problems: int, steps: int, max_operand: int, operators: str,
-                              seed: int) -> list[Problem]:
-    """`num_problems` distinct chains of `steps` operations (`chain_problem`), seeded."""
+                              seed: int, form: str = "listed") -> list[Problem]:
+    """`num_problems` distinct chains of `steps` operations (`CHAIN_FORMS[form]`), seeded."""
+    if form not in CHAIN_FORMS:
+        raise ValueError(f"task.chain_form={form!r}: choose from {sorted(CHAIN_FORMS)}")
     if steps < 1:
         raise ValueError(f"task.chain_length={steps}: at least one operation")
     if not operators or set(operators) - {"+", "-"}:
@@ -134,7 +164,7 @@ def arithmetic_chain_problems(num_problems: int, steps: int, max_operand: int, o
         raise ValueError(f"task.max_operand={max_operand}: at least 1")
     rng, problems, seen = random.Random(seed), [], set()
     for _ in range(20 * num_problems):  # short chains have few distinct prompts; do not loop forever
-        problem = chain_problem(rng, steps, max_operand, operators)
+        problem = CHAIN_FORMS[form](rng, steps, max_operand, operators)
         if problem.prompt not in seen:
             seen.add(problem.prompt)
             problems.append(problem)
@@ -191,7 +221,7 @@ def build_task(cfg: TaskConfig) -> Task:
         if cfg.path is not None:
             raise ValueError("task.path is set, but task=arithmetic-chain generates its prompts: use task=jsonl")
         problems = arithmetic_chain_problems(cfg.num_problems, cfg.chain_length, cfg.max_operand, cfg.operators,
-                                             cfg.seed)
+                                             cfg.seed, cfg.chain_form)
         train, held_out = split_heldout(problems, cfg.num_eval, cfg.seed)
         train, held_out = ([Problem(cfg.template.replace("{prompt}", p.prompt), p.answer) for p in part]
                            for part in (train, held_out))

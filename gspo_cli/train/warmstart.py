@@ -11,6 +11,7 @@ cached on disk and reused by every later run with the same model, task and warm-
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Callable
 import torch
 
 from gspo_cli.config import ModelConfig, TaskConfig
-from gspo_cli.data.tasks import Problem, Task
+from gspo_cli.data.tasks import Problem, Task, build_task
 from gspo_cli.models.build import built_model_dir
 from gspo_cli.models.loading import load_model, load_tokenizer
 from gspo_cli.models.storage import config_hash, write_dir_atomically
@@ -172,6 +173,20 @@ def land(before: Snapshot, crossed_at: int, train_step: Callable[[], float], pro
     return step, accuracy
 
 
+def earlier_stage(model_cfg: ModelConfig, task_cfg: TaskConfig,
+                  max_new_tokens: int) -> tuple[ModelConfig, TaskConfig, int]:
+    """The configuration of the warm start `model.warm_start.begin_from` names: the same model and
+    warm-start settings on the task with those keys changed (and its own `max_new_tokens`)."""
+    overrides = dict(model_cfg.warm_start.begin_from or {})
+    earlier_tokens = int(overrides.pop("max_new_tokens", max_new_tokens))
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(TaskConfig)}
+    if unknown:
+        raise ValueError(f"model.warm_start.begin_from: {sorted(unknown)} are not task keys (or max_new_tokens)")
+    earlier_ws = dataclasses.replace(model_cfg.warm_start, begin_from=None)
+    return (dataclasses.replace(model_cfg, warm_start=earlier_ws), dataclasses.replace(task_cfg, **overrides),
+            earlier_tokens)
+
+
 def warm_started_dir(model_cfg: ModelConfig, task_cfg: TaskConfig, cache_dir: Path, max_new_tokens: int,
                      task: Task, log: Callable[[str], None] = print) -> Path:
     """The cached warm-started model directory for this configuration, trained on first use."""
@@ -183,14 +198,19 @@ def warm_started_dir(model_cfg: ModelConfig, task_cfg: TaskConfig, cache_dir: Pa
     if (target / "config.json").exists():
         log(f"warm start: reusing {target}")
         return target
+    start = base
+    if model_cfg.warm_start.begin_from:
+        earlier_model, earlier_task, earlier_tokens = earlier_stage(model_cfg, task_cfg, max_new_tokens)
+        log(f"warm start: begins from the warm start with {dict(model_cfg.warm_start.begin_from)}")
+        start = warm_started_dir(earlier_model, earlier_task, cache_dir, earlier_tokens, build_task(earlier_task), log)
     log(f"warm start: supervised phase on '{task.name}' reference answers (cached in {target})")
     torch.manual_seed(model_cfg.warm_start.seed)
     # transformers' own experts and RMSNorm code: the warm start stands in for a pretrained base,
     # cached by its config, so it must not move when this tool's faster kernels (other rounding) change.
-    model, tokenizer = load_model(base, experts_implementation="default", fused_rms_norm=False), load_tokenizer(base)
-    start = time.perf_counter()
+    model, tokenizer = load_model(start, experts_implementation="default", fused_rms_norm=False), load_tokenizer(start)
+    began = time.perf_counter()
     summary = warm_start(model, tokenizer, task, model_cfg.warm_start, max_new_tokens, log)
-    log(f"warm start: done in {time.perf_counter() - start:.0f}s, {summary}")
+    log(f"warm start: done in {time.perf_counter() - began:.0f}s, {summary}")
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
