@@ -71,7 +71,8 @@ class WarmStartConfig:
     begin_from: Optional[dict[str, Any]] = None
     """A curriculum: task keys (and `max_new_tokens`) of an easier warm start of the same model,
     e.g. `{chain_length: 10, max_new_tokens: 136}`; that one is trained first (or reused from
-    the cache) and this one continues from its weights with a fresh optimizer."""
+    the cache) and this one continues from its weights with a fresh optimizer. A `begin_from` key
+    inside names that stage's own first stage (short → medium → long)."""
 
 
 @dataclass

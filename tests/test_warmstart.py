@@ -97,19 +97,23 @@ def test_begin_from_trains_the_easier_warm_start_first_and_continues_from_its_we
 
     monkeypatch.setattr(warmstart, "warm_start", fake_warm_start)
     common = ["experiment=paper", f"cache_dir={tmp_path}", "task.num_problems=300", "task.num_eval=20"]
-    medium, long = compose_train(common + ["length=medium"]), compose_train(common + ["length=long"])
-    long.model.warm_start.begin_from = {"chain_length": 10, "max_new_tokens": 136}
+    # The shipped curriculum: length=long begins from length=medium's warm start, which begins from length=short's.
+    short, medium, long = (compose_train(common + [f"length={name}"]) for name in ("short", "medium", "long"))
     built = load_model(warmstart.built_model_dir(long.model, tmp_path))
 
     long_dir = warmstart.warm_started_dir(long.model, long.task, tmp_path, 512, build_task(long.task), log=print)
-    lines = []
-    medium_dir = warmstart.warm_started_dir(medium.model, medium.task, tmp_path, 136, build_task(medium.task),
-                                            log=lines.append)
-    assert "reusing" in lines[0]  # the curriculum's first stage is medium's own warm start
-    assert [(length, tokens) for length, tokens, _ in stages] == [(10, 136), (39, 512)]
+    assert [(length, tokens) for length, tokens, _ in stages] == [(2, 40), (10, 136), (39, 512)]
+    found = {}
+    for name, cfg in (("short", short), ("medium", medium)):  # each stage is that length's own warm start
+        lines = []
+        found[name] = warmstart.warm_started_dir(cfg.model, cfg.task, tmp_path, cfg.trainer.max_new_tokens,
+                                                 build_task(cfg.task), log=lines.append)
+        assert "reusing" in lines[0], (name, lines)
+    assert len(stages) == 3
     assert stages[0][2] == checksum(built)  # the first stage began from the built model
-    assert stages[1][2] == checksum(load_model(medium_dir)) != checksum(built)  # the second from the first's result
-    assert checksum(load_model(long_dir)) != checksum(load_model(medium_dir))
+    assert stages[1][2] == checksum(load_model(found["short"])) != checksum(built)  # the next from its result
+    assert stages[2][2] == checksum(load_model(found["medium"])) != stages[1][2]
+    assert checksum(load_model(long_dir)) != checksum(load_model(found["medium"]))
     long.model.warm_start.begin_from = {"chain_lenght": 10}
     long.model.warm_start.seed = 1  # another cache key, so the stage is not reused
     with pytest.raises(ValueError, match="chain_lenght"):
