@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from gspo_cli.report.plots import mean_band
-from gspo_cli.report.sweep import build_report, grid, record_job, steps_to_target, summarize_records
+from gspo_cli.report.sweep import (build_report, by_setting, collect_sweep, grid, grouped, record_job, steps_to_target,
+                                   summarize_records)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -227,3 +228,10 @@ def test_report_of_a_moe_sweep_over_lengths_draws_volatility_and_results_by_leng
         assert ("1/1" if label.startswith("grpo") else "0/1") in line.split("│")[6], line
     for png in ("routing_volatility.png", "by_setting.png"):
         assert (sweep / png).read_bytes()[:8] == PNG
+    # What by_setting.png draws: per algorithm, each length in sweep order, the gain over its own start.
+    summaries, _ = collect_sweep(sweep)
+    series = by_setting(grouped(summaries))
+    assert [setting for setting, _ in series["grpo"]] == ["task.chain_length=3", "task.chain_length=14"]
+    gains = {algo: [v["eval/accuracy gained (final - step 0)"] for _, v in points] for algo, points in series.items()}
+    assert gains["gspo"] == pytest.approx([0.3, 0.3]) and gains["grpo"] == pytest.approx([-0.2, -0.2])
+    assert [v["response_length/mean"] for _, v in series["gspo"]] == [24, 112]

@@ -180,15 +180,15 @@ def plot_volatility(groups: dict[str, list[list[dict]]], out: str | Path, title:
 
 def plot_by_setting(series: dict[str, list[tuple[str, dict[str, float | None]]]], out: str | Path) -> Path:
     """Results against another swept setting (e.g. the response length): one panel per figure
-    (final accuracy, clip fraction, response length), one line per algorithm, the settings on
-    the x axis in the order given."""
+    (final accuracy, accuracy gained, clip fraction, response length), one line per algorithm,
+    the settings on the x axis in the order given."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(next(iter(series.values()))[0][1]) if series else []
-    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.6 * max(len(names), 1), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.2 * max(len(names), 1), 3.8), squeeze=False)
     settings = list(dict.fromkeys(setting for points in series.values() for setting, _ in points))
     for ax, name in zip(axes[0], names):
         for algo, points in series.items():
@@ -196,9 +196,13 @@ def plot_by_setting(series: dict[str, list[tuple[str, dict[str, float | None]]]]
             if xy:
                 ax.plot(*zip(*xy), marker="o", label=algo)
         ax.set_xticks(range(len(settings)), settings, rotation=20, fontsize=7)
-        ax.set_title(name)
+        ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3)
         if name in LOG_SCALE:
-            ax.set_yscale("symlog", linthresh=1e-4)
+            values = [v[name] for points in series.values() for _, v in points if v[name] is not None]
+            if values and min(values) > 0:  # means over steps: a plain log axis, no symlog band around 0
+                ax.set_yscale("log")
+            else:
+                ax.set_yscale("symlog", linthresh=1e-4)
     axes[0][0].legend(fontsize=8)
     return save_figure(fig, out)

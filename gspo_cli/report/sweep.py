@@ -298,8 +298,12 @@ def by_setting(groups: dict[str, list[RunSummary]]) -> dict[str, list[tuple[str,
     series: dict[str, list[tuple[str, dict[str, Optional[float]]]]] = {}
     for runs in groups.values():
         first = runs[0]
+        gains = [None if r.final_accuracy is None or r.start_accuracy is None else r.final_accuracy - r.start_accuracy
+                 for r in runs]
         series.setdefault(first.algo, []).append((_other_overrides(first.overrides), {
             "final eval/accuracy": _mean([r.final_accuracy for r in runs]),
+            # each setting has a base of its own (a warm start per response length): the gain compares them
+            "eval/accuracy gained (final - step 0)": _mean(gains),
             "clip/fraction": _mean([r.mean_clip_fraction for r in runs]),
             "response_length/mean": _mean([r.mean_response_length for r in runs]),
         }))
