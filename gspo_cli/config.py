@@ -146,7 +146,7 @@ class TaskConfig:
     chain_form: str = "listed"
     """Arithmetic-chain: `listed`, the prompt lists every operation ("37+5-3="); `repeated`, one
     operation applied chain_length times ("37+5x3="), lines numbered by a countdown, so each line
-    follows from the one before: ~12 tokens per operation plus 8 (9 → ~117, 40 → ~490)."""
+    follows from the one before: ~12 tokens per operation plus 8 (2 → ~31, 10 → ~122, 39 → ~493)."""
     num_problems: int = 10000
     """Arithmetic-chain: distinct problems generated (training and held-out together)."""
     num_eval: int = 256

@@ -179,11 +179,11 @@ def earlier_stage(model_cfg: ModelConfig, task_cfg: TaskConfig,
     warm-start settings on the task with those keys changed (and its own `max_new_tokens`)."""
     overrides = dict(model_cfg.warm_start.begin_from or {})
     earlier_tokens = int(overrides.pop("max_new_tokens", max_new_tokens))
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(TaskConfig)} - {"begin_from"}
-    if unknown:
-        raise ValueError(f"model.warm_start.begin_from: {sorted(unknown)} are not task keys (or max_new_tokens)")
     # A stage of a longer curriculum names its own first stage: {..., begin_from: {...}}.
     earlier_ws = dataclasses.replace(model_cfg.warm_start, begin_from=overrides.pop("begin_from", None))
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(TaskConfig)}
+    if unknown:
+        raise ValueError(f"model.warm_start.begin_from: {sorted(unknown)} are not task keys (or max_new_tokens)")
     return (dataclasses.replace(model_cfg, warm_start=earlier_ws), dataclasses.replace(task_cfg, **overrides),
             earlier_tokens)
 
