@@ -228,12 +228,17 @@ class AlgoConfig:
     """Penalty added to the reward (negated) of a response that reaches max_new_tokens."""
     routing_replay: bool = False
     """MoE only: compute π_θ with the experts π_old chose in every layer (GRPO's Routing Replay)."""
+    routing_metrics: Optional[bool] = None
+    """MoE only: keep the experts π_old and the update's passes chose and log how many changed
+    (`routing/changed_fraction`); off, routes are captured only for Routing Replay and the
+    volatility probe. null: on for MoE models (routes cost 1 byte per token, layer and top-k slot)."""
     routing_volatility: Optional[bool] = None
     """MoE only: after each mini-batch's optimizer step, re-run some of its sequences (no gradient)
-    and log the share of their experts that changed (`routing/volatility`, GSPO paper §4.3).
-    null: on for MoE models (costs a forward pass of `routing_volatility_rows` sequences per step)."""
+    and log the share of their experts that changed (`routing/volatility`, GSPO paper §5.3).
+    null: on for MoE models (docs/metrics.md states its cost)."""
     routing_volatility_rows: int = 16
-    """Sequences of each mini-batch re-run for `routing_volatility` (its first ones); 0: all of them."""
+    """Sequences of each mini-batch re-run for `routing_volatility`, across all ranks (each rank
+    its first ones, its share rounded up); 0: all of them."""
 
 
 @dataclass
@@ -255,6 +260,11 @@ class TrainerConfig:
     """Sequences per forward/backward pass inside a mini-batch, gradients accumulated; the loss
     and gradient equal one pass over the mini-batch. Also the batch of the π_old and reference
     passes. 0: the whole mini-batch at once."""
+    micro_batch_tokens: int = 0
+    """Padded tokens per forward/backward pass (verl's dynamic batch size): a mini-batch's rows are
+    sorted by length and packed into passes of at most this many tokens (and `micro_batch_size`
+    rows, if set), so a long-tailed batch costs its tokens, not rows × its longest response; the
+    loss and gradient equal one pass. Also used by the π_old, reference and probe passes. 0: off."""
     logprob_chunk_tokens: int = 512
     """Response tokens (rows × positions) whose float32 logits exist at once when log-probabilities
     are computed (recomputed in the backward pass; 512 tokens of Qwen3's vocabulary: 311 MB); 0: all."""
@@ -331,6 +341,11 @@ class HardwareConfig:
     """FSDP2: rank 0 alone reads the checkpoint; the other ranks build the model on the meta device
     and receive their shards by broadcast (the KL reference too), so no rank but rank 0 ever holds a
     full copy. false: every rank loads the whole model, then shards it. DDP keeps a full replica per rank."""
+    fsdp_unsharded_accumulation: bool = False
+    """FSDP2 with micro-batches: keep their gradients unsharded (a full fp32 gradient per rank) and
+    reduce-scatter once per mini-batch. false: reduce-scatter after every micro-batch, so a rank
+    holds only its shard's gradient (what a model that needs FSDP needs). DDP always all-reduces
+    once per mini-batch (it keeps a full replica anyway)."""
     rdzv_endpoint: Optional[str] = None
     """host:port of torchrun's c10d rendezvous for several nodes; unset on one node."""
     rdzv_id: str = "gspo"

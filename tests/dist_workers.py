@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -256,4 +257,116 @@ def dynamic_sampling_worker(rank: int, world: int, port: int, model_dir: str, ou
     batch, timings = collect_rollout(model, ctx, PromptStream(ctx.task.train, 0))
     torch.save({"draws": len(draws), "refills": timings["sampling/refills"], "rewards": batch.rewards.tolist()},
                f"{out_file}.{rank}")
+    shutdown(env)
+
+
+def held_gradient_elements(model) -> int:
+    """Gradient elements this rank holds now: FSDP2's sharded gradients, and the unsharded ones
+    it keeps while gradient sync is off (`unsharded_accumulated_grad`, or the unsharded
+    parameter's own `.grad`); a plain module's `.grad` tensors."""
+    from torch.distributed.fsdp import FSDPModule
+
+    held = 0
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        group = module._get_fsdp_state()._fsdp_param_group
+        for param in (group.fsdp_params if group else []):
+            if param.unsharded_accumulated_grad is not None:
+                held += param.unsharded_accumulated_grad.numel()
+            if hasattr(param, "_unsharded_param") and param._unsharded_param.grad is not None:
+                held += param._unsharded_param.grad.numel()
+            if param.sharded_param.grad is not None:
+                held += param.sharded_param.grad.to_local().numel()
+    return held
+
+
+SCALE_PATH = dict(num_minibatches=2, micro_batch_size=3, micro_batch_tokens=0, old_logp="recompute",
+                  gradient_checkpointing=True, routing_replay=True, fsdp_unsharded_accumulation=False)
+"""What a long-response MoE run uses together: several mini-batches, micro-batches, π_old
+recomputed, gradient checkpointing, Routing Replay (R2: π_old's experts forced)."""
+
+
+def scale_path_order(num_rows: int, world: int, num_minibatches: int) -> torch.Tensor:
+    """The one-process mini-batch order whose k-th mini-batch is the union of every rank's k-th
+    (each rank holds a contiguous share and splits it in order)."""
+    per_rank = num_rows // world
+    chunks = [torch.arange(r * per_rank, (r + 1) * per_rank).chunk(num_minibatches) for r in range(world)]
+    return torch.cat([chunks[r][k] for k in range(num_minibatches) for r in range(world)])
+
+
+def scale_path_update(model_dir: str, data: dict, strategy: str, options: dict) -> tuple[dict, dict, dict]:
+    """One RL step's update (SGD lr 1) with `SCALE_PATH`-like options on this rank's share:
+    π_old of the later mini-batches recomputed as `collect_rollout` does, the first mini-batch's
+    from its own passes. Returns the metrics reduced over ranks, the full parameters after the
+    update, what the passes held (per micro-batch the gradient elements this rank held after its
+    backward, and its shard's size; DDP's all-reduce calls, and the buckets of one backward), and
+    the process group."""
+    import gspo_cli.train.update as update
+    from gspo_cli.models.routing import MoERouting
+    from gspo_cli.train.steps import old_logprobs
+
+    env = init_distributed("cpu")
+    torch.manual_seed(0)
+    model = wrap_model(load_model(model_dir, gradient_checkpointing=options["gradient_checkpointing"]), strategy, env)
+    cfg = TrainConfig()
+    tc, algo = cfg.trainer, cfg.algo
+    tc.num_minibatches, tc.micro_batch_size = options["num_minibatches"], options["micro_batch_size"]
+    tc.micro_batch_tokens, tc.max_grad_norm = options["micro_batch_tokens"], 1e9
+    algo.loss, algo.clip_low, algo.clip_high = "grpo", 0.2, 0.28
+    algo.old_logp, algo.routing_replay, algo.routing_volatility = options["old_logp"], options["routing_replay"], False
+    cfg.hardware.fsdp_unsharded_accumulation = options["fsdp_unsharded_accumulation"]
+    per_rank = len(data["rewards"]) // env.world_size
+    batch = batch_rows(data, slice(env.rank * per_rank, (env.rank + 1) * per_rank))
+    order = torch.arange(per_rank) if env.distributed else scale_path_order(per_rank, 2, tc.num_minibatches)
+    # Before any forward pass: after a no-grad one FSDP2's root stays unsharded, and `parameters()`
+    # would hand the optimizer those temporary tensors instead of the sharded ones.
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    inner = getattr(model, "module", model)
+    ctx = StepContext(cfg, task=None, tokenizer=None, env=env, generator=torch.Generator().manual_seed(0),
+                      routing=MoERouting(inner))
+    if algo.old_logp == "recompute":  # else the batch's π_old stands for the sampler's
+        batch = batch._replace(old=old_logprobs(inner, batch.rollout, ctx, order.chunk(tc.num_minibatches)[1:]))
+    batch = batch._replace(order=order)
+
+    buckets, held, shard_size, calls = 0, [], sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+                                      for p in model.parameters()), [0]
+    if strategy == "ddp" and env.distributed:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def counting(state, bucket):
+            calls[0] += 1
+            return allreduce_hook(state, bucket)
+
+        model.register_comm_hook(torch.distributed.group.WORLD, counting)
+        model(input_ids=batch.rollout.input_ids[:2]).logits.sum().backward()  # one synced backward: the buckets
+        buckets, calls[0] = calls[0], 0
+    original_sync = update.micro_batch_sync
+
+    @contextlib.contextmanager
+    def watched_sync(*args, **kwargs):
+        with original_sync(*args, **kwargs):
+            yield
+        held.append(held_gradient_elements(model))
+
+    update.micro_batch_sync = watched_sync
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    metrics = reduce_over_ranks(update.update_policy(model, optimizer, scheduler, batch, ctx), env)
+    update.micro_batch_sync = original_sync
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    params = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    params = {k: v.detach().clone() for k, v in params.items()}
+    grads_after = [p.grad for p in model.parameters() if p.grad is not None]
+    return metrics, params, dict(held=held, shard_size=shard_size, allreduce_calls=calls[0], buckets=buckets,
+                                 grads_left=len(grads_after)), env
+
+
+def scale_path_worker(rank: int, world: int, port: int, model_dir: str, batch_file: str, strategy: str,
+                      options: dict, out_file: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    metrics, params, seen, env = scale_path_update(model_dir, torch.load(batch_file), strategy, options)
+    torch.save({"metrics": metrics, "params": params, "seen": seen}, f"{out_file}.{rank}")
     shutdown(env)

@@ -9,12 +9,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from dist_workers import (
+    SCALE_PATH,
     dynamic_sampling_worker,
     evaluation_context,
     evaluation_worker,
     generation_gathers_worker,
     one_update,
     reductions_worker,
+    scale_path_update,
+    scale_path_worker,
     sharded_save_worker,
     update_worker,
 )
@@ -108,6 +111,71 @@ def test_two_processes_give_the_single_process_update(strategy, loss, loss_agg, 
         assert step.abs().max() > 0, name  # every tensor moved (the routers and norms too) ...
         # ... and by the same step on two processes, to float rounding (~1e-6 of the step)
         assert (two_step - step).norm() <= 1e-4 * step.norm(), name
+
+
+@pytest.fixture(scope="module")
+def single_scale_path(tiny_model_dir, global_batch):
+    """The one-process update of the whole batch per set of options (see `scale_path_update`)."""
+    results = {}
+
+    def update(**options):
+        key = tuple(sorted(options.items()))
+        if key not in results:
+            metrics, params, seen, _ = scale_path_update(str(tiny_model_dir), torch.load(global_batch), "ddp",
+                                                         {**SCALE_PATH, **options})
+            results[key] = metrics, params, seen
+        return results[key]
+
+    return update
+
+
+def two_scale_path_processes(tmp_path, tiny_model_dir, global_batch, strategy, **options):
+    out = tmp_path / f"{strategy}-scale"
+    context = mp.spawn(scale_path_worker, args=(2, free_port(), str(tiny_model_dir), str(global_batch), strategy,
+                                                {**SCALE_PATH, **options}, str(out)), nprocs=2, join=False)
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=5):  # ranks out of step in their passes would wait here forever
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the ranks did not finish: their passes are out of step")
+    return [torch.load(f"{out}.{rank}") for rank in range(2)]
+
+
+@pytest.mark.parametrize("strategy, options", [
+    ("ddp", {}),
+    ("fsdp", {}),
+    # Token budget: rank 0's responses are 1-4 tokens, rank 1's all 4, so with 12 tokens a pass the
+    # ranks pack a mini-batch's 8 rows into 6 and 8 passes, and must agree on 8.
+    ("fsdp", {"micro_batch_size": 0, "micro_batch_tokens": 12}),
+])
+def test_the_scale_path_on_two_processes_gives_the_single_process_update(strategy, options, tmp_path,
+                                                                           tiny_model_dir, global_batch,
+                                                                           single_scale_path):
+    """Micro-batches × 2 mini-batches × π_old recomputed (the first mini-batch's from its own
+    passes) × gradient checkpointing × Routing Replay, on DDP and FSDP2: the metrics and the
+    parameters after the update are those of one process; FSDP2 holds a shard's gradient at
+    every micro-batch; DDP all-reduces once per mini-batch; no gradient outlives the update."""
+    metrics, params, seen = single_scale_path(**options)
+    ranks = two_scale_path_processes(tmp_path, tiny_model_dir, global_batch, strategy, **options)
+    result = ranks[0]
+    assert result["metrics"]["loss"] == pytest.approx(metrics["loss"], rel=0, abs=1e-6)  # see the test above
+    for name in ("clip/fraction", "routing/changed_fraction"):  # token-weighted over both ranks
+        assert result["metrics"][name] == pytest.approx(metrics[name], rel=1e-5, abs=1e-7), name
+    assert metrics["routing/changed_fraction"] > 0  # the routes drifted: replay forced other experts
+    before = load_model(tiny_model_dir).state_dict()
+    for name, value in params.items():
+        step, two_step = value - before[name], result["params"][name] - before[name]
+        assert step.abs().max() > 0, name
+        assert (two_step - step).norm() <= 1e-4 * step.norm(), name
+    passes = len(ranks[0]["seen"]["held"])
+    assert passes == len(ranks[1]["seen"]["held"]) >= 4  # the same number of passes on each rank
+    for rank in ranks:
+        assert rank["seen"]["grads_left"] == 0  # freed before the next rollout
+        if strategy == "fsdp":  # a shard's gradient after every micro-batch, never the whole model's
+            assert max(rank["seen"]["held"]) <= rank["seen"]["shard_size"] < sum(v.numel() for v in before.values())
+        else:  # one all-reduce per bucket per mini-batch, whatever the number of micro-batches
+            assert rank["seen"]["allreduce_calls"] == 2 * rank["seen"]["buckets"], rank["seen"]
 
 
 def test_sharded_checkpoint_from_two_processes_loads_in_one(tmp_path, tiny_model_dir):

@@ -289,3 +289,129 @@ def test_small_qwen3_moe_has_the_scaled_down_qwen3_30b_a3b_shape():
     # A 600-token sequence (the prompt and worked solution of a 62-operation chain) runs.
     ids = torch.randint(3, len(build_char_tokenizer()), (1, 600))
     assert model(input_ids=ids).logits.shape == (1, 600, len(build_char_tokenizer()))
+
+
+# ---------------------------------------------------------------------------- replay in the update
+
+
+def random_routes(num_seqs: int, length: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Per layer [N, L, 2] distinct expert pairs drawn at random: every row, token and layer its own."""
+    routes = []
+    for _ in range(TEST_SPEC.num_hidden_layers):
+        first = torch.randint(0, TEST_SPEC.num_experts, (num_seqs, length, 1), generator=generator)
+        shift = torch.randint(1, TEST_SPEC.num_experts, (num_seqs, length, 1), generator=generator)
+        routes.append(torch.cat([first, (first + shift) % TEST_SPEC.num_experts], -1).to(torch.uint8))
+    return routes
+
+
+def replay_batch(model, tokenizer, cache_dir, *overrides):
+    """12 responses of unequal lengths whose π_old experts are random (far from the model's own),
+    and a context with Routing Replay on."""
+    from conftest import compose_train
+    from test_train import small_overrides
+
+    import gspo_cli.train.steps as steps
+    from gspo_cli.train.distributed import DistEnv
+
+    prompts = [f"{a}+{7 * a}=" for a in range(1, 13)]
+    rollout = generate_rollout(model, tokenizer, prompts, 6, 1.0, torch.Generator().manual_seed(0))
+    N, L = rollout.input_ids.shape
+    T = rollout.response_mask.shape[1]
+    routes = random_routes(N, L, torch.Generator().manual_seed(1))
+    routing = MoERouting(model)
+    with torch.no_grad(), routing.replay([r.reshape(-1, 2) for r in routes]):
+        old_logp = response_logprobs(model, rollout.input_ids, rollout.attention_mask, T)
+    advantages = torch.linspace(-1, 1, N)
+    batch = steps.Batch(rollout._replace(logp=old_logp), advantages, advantages, rollout.entropy, torch.arange(N),
+                        steps.OldPolicy(torch.arange(N), old_logp, routes))
+    cfg = compose_train(small_overrides(cache_dir, "grpo") + ["algo.routing_replay=true", *overrides])
+    ctx = steps.StepContext(cfg, None, tokenizer, DistEnv(), torch.Generator().manual_seed(0), routing)
+    return batch, ctx
+
+
+def test_routing_replay_forces_each_rows_own_pi_old_experts(tiny_model, cache_dir, monkeypatch):
+    """Rows sorted by length into passes of at most 40 tokens, each cut to its columns: every
+    row's log-probabilities in the update are those of that row alone under its own π_old
+    experts (random ones, so a row given another row's experts, or shifted by a column, differs)."""
+    import gspo_cli.train.update as update
+
+    model, tokenizer = tiny_model
+    model.train()
+    batch, ctx = replay_batch(model, tokenizer, cache_dir, "trainer.micro_batch_tokens=40")
+    rows = torch.arange(batch.rewards.numel())
+    seen, original = [], update.minibatch_loss
+    monkeypatch.setattr(update, "minibatch_loss", lambda logp, old_logp, b, idx, c, n: seen.append(
+        (idx, logp.detach(), old_logp)) or original(logp, old_logp, b, idx, c, n))
+    update.accumulate_gradients(model, batch, rows, ctx, batch.old, update.loss_counts(batch, rows, ctx))
+    assert len(seen) > 2 and any(not torch.equal(idx, idx.sort().values) for idx, _, _ in seen)  # sorted passes
+    mask, T = batch.rollout.response_mask, batch.rollout.response_mask.shape[1]
+    for idx, logp, old_logp in seen:
+        real = mask[idx].bool()
+        # π_old was computed under the same routes: ratio 1 on every real token
+        torch.testing.assert_close(logp[real], old_logp[real], rtol=0, atol=1e-5)
+    own = response_logprobs(model, batch.rollout.input_ids, batch.rollout.attention_mask, T)
+    # The forced experts do matter: without them the same rows are 100× the tolerance above away.
+    assert (own - batch.old.logp)[mask.bool()].abs().max() > 1e-3
+
+
+def test_routing_replay_with_gradient_checkpointing_gives_the_gradient_without_it(tiny_model_dir, cache_dir):
+    """Gradient checkpointing re-runs each layer in the backward pass; Routing Replay must force
+    π_old's experts there too (it used to end before the backward: CheckpointError, 61 vs 56
+    tensors saved). Same gradient with and without checkpointing, micro-batches of 5 rows."""
+    import gspo_cli.train.update as update
+    from gspo_cli.models.loading import load_model, load_tokenizer
+
+    grads = {}
+    for checkpointing in (False, True):
+        model = load_model(tiny_model_dir, gradient_checkpointing=checkpointing)
+        model.train()
+        batch, ctx = replay_batch(model, load_tokenizer(tiny_model_dir), cache_dir, "trainer.micro_batch_size=5")
+        rows = torch.arange(batch.rewards.numel())
+        update.accumulate_gradients(model, batch, rows, ctx, batch.old, update.loss_counts(batch, rows, ctx))
+        grads[checkpointing] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert model.model.gradient_checkpointing and grads[True].keys() == grads[False].keys()
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-5, atol=1e-7)
+    assert any(g.abs().max() > 0 for name, g in grads[True].items() if "gate" in name)  # routers learn
+
+
+def test_routes_are_kept_in_one_byte_and_only_when_something_reads_them(tmp_path, cache_dir):
+    """Expert indices of 4 (up to 256) experts are stored as uint8; with routing metrics, Routing
+    Replay and the volatility probe off, no route is captured at all."""
+    from conftest import compose_train
+    from test_train import small_overrides
+
+    import gspo_cli.train.steps as steps
+    from gspo_cli.models.routing import route_dtype
+    from gspo_cli.train.distributed import DistEnv
+    from gspo_cli.train.loop import make_context, setup
+
+    assert (route_dtype(128), route_dtype(256), route_dtype(257), route_dtype(40_000)) == (
+        torch.uint8, torch.uint8, torch.int16, torch.int32)
+    for source in ("rollout", "recompute"):
+        for kept in (True, False):
+            cfg = compose_train(small_overrides(cache_dir) + [
+                f"algo.old_logp={source}", f"algo.routing_metrics={kept}", f"algo.routing_volatility={kept}"])
+            policy, tokenizer, task, state = setup(cfg, tmp_path / f"{source}-{kept}", DistEnv(), print)
+            ctx = make_context(cfg, policy, tokenizer, task, DistEnv(), state)
+            batch, timings = steps.collect_rollout(policy, ctx, state.stream)
+            if kept:
+                assert batch.old.routes[0].dtype == torch.uint8 and timings["routing/replay_cache_mb"] > 0
+            else:
+                assert batch.old.routes is None and batch.rollout.routes is None
+                assert "routing/replay_cache_mb" not in timings
+
+
+def test_the_volatility_probe_takes_a_share_of_its_rows_on_each_rank():
+    from gspo_cli.config import TrainConfig
+    from gspo_cli.train.distributed import DistEnv
+    from gspo_cli.train.steps import StepContext
+    from gspo_cli.train.update import probe_rows
+
+    cfg = TrainConfig()
+    rows = torch.arange(64)
+    for world, expected in ((1, 16), (2, 8), (3, 6), (8, 2), (32, 1)):  # 16 rows across the ranks, rounded up
+        ctx = StepContext(cfg, None, None, DistEnv(world_size=world), torch.Generator())
+        assert torch.equal(probe_rows(rows, ctx), rows[:expected])
+    cfg.algo.routing_volatility_rows = 0  # every row
+    assert torch.equal(probe_rows(rows, StepContext(cfg, None, None, DistEnv(world_size=8), torch.Generator())), rows)

@@ -162,6 +162,7 @@ def test_reference_logp_by_micro_batch_equals_one_forward_pass_over_every_row(ti
 def test_first_minibatch_gives_pi_old_so_recompute_runs_one_pass_fewer(tmp_path, cache_dir, monkeypatch):
     """algo.old_logp=recompute with 2 mini-batches: one π_old pass (the second mini-batch),
     the first mini-batch's ratio is exactly 1, and every row ends with a finite π_old."""
+    import gspo_cli.train.passes as passes_module
     import gspo_cli.train.steps as steps
     import gspo_cli.train.update as update
     from gspo_cli.train.loop import make_context
@@ -170,8 +171,8 @@ def test_first_minibatch_gives_pi_old_so_recompute_runs_one_pass_fewer(tmp_path,
     policy, tokenizer, task, state = setup(cfg, tmp_path, DistEnv(), print)
     ctx = make_context(cfg, policy, tokenizer, task, DistEnv(), state)
     passes = []
-    original = steps.response_logprobs
-    monkeypatch.setattr(steps, "response_logprobs", lambda *a, **k: passes.append(torch.is_grad_enabled())
+    original = passes_module.response_logprobs
+    monkeypatch.setattr(passes_module, "response_logprobs", lambda *a, **k: passes.append(torch.is_grad_enabled())
                         or original(*a, **k))
     batch, _ = steps.collect_rollout(policy, ctx, state.stream)
     assert passes == [False]  # π_old of the second mini-batch only

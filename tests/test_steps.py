@@ -2,6 +2,7 @@
 and an update moves each response's log-probability with its own advantage."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -61,7 +62,8 @@ def test_every_epoch_divides_by_the_rollout_policy(tmp_path, cache_dir, monkeypa
                                       "seq-mean-token-sum-norm"])
 def test_micro_batches_give_the_loss_and_gradient_of_one_pass(tmp_path, cache_dir, loss_agg):
     """trainer.micro_batch_size=3 on a mini-batch of 32 sequences (11 passes, the last of 2
-    rows): the same loss and the same SGD step as one pass over the mini-batch."""
+    rows), and trainer.micro_batch_tokens=40 (rows sorted by length, each pass cut to its
+    columns): the same loss and the same SGD step as one pass over the mini-batch."""
     import dataclasses
 
     cfg = compose_train(small_overrides(cache_dir) + [
@@ -71,24 +73,26 @@ def test_micro_batches_give_the_loss_and_gradient_of_one_pass(tmp_path, cache_di
     batch, _ = steps.collect_rollout(policy, ctx, state.stream)
     start = copy.deepcopy(policy.state_dict())
 
-    def one_step(micro_batch_size):
+    def one_step(micro_batch_size, tokens=0):
         policy.load_state_dict(start)
-        trainer = dataclasses.replace(cfg.trainer, micro_batch_size=micro_batch_size)
+        trainer = dataclasses.replace(cfg.trainer, micro_batch_size=micro_batch_size, micro_batch_tokens=tokens)
         sgd = torch.optim.SGD(policy.parameters(), lr=1.0)
         metrics = update.update_policy(policy, sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda i: 1.0), batch,
                                        dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, trainer=trainer)))
         return metrics, {k: v.detach().clone() for k, v in policy.state_dict().items()}
 
-    (whole, after_whole), (micro, after_micro) = one_step(0), one_step(3)
-    # The loss is a sum of advantage-weighted terms that nearly cancel (group-centred advantages):
-    # compare it at the scale of its terms; the gradients below are the exact check.
-    assert micro["loss"] == pytest.approx(whole["loss"], rel=1e-5, abs=1e-6)
-    assert micro["clip/fraction"] == pytest.approx(whole["clip/fraction"], rel=1e-5, abs=1e-8)  # token-weighted
+    (whole, after_whole) = one_step(0)
     moved = [k for k in start if not torch.equal(start[k], after_whole[k])]
     assert moved  # the step did something
-    for name in moved:  # lr 1: the change is the gradient
-        delta_whole, delta_micro = after_whole[name] - start[name], after_micro[name] - start[name]
-        assert torch.allclose(delta_micro, delta_whole, rtol=1e-4, atol=1e-7), name
+    # Rows of 3, and passes of at most 40 padded tokens, rows sorted by length (a budget of 3-4 rows).
+    for micro, after_micro in (one_step(3), one_step(0, tokens=40)):
+        # The loss is a sum of advantage-weighted terms that nearly cancel (group-centred advantages):
+        # compare it at the scale of its terms; the gradients below are the exact check.
+        assert micro["loss"] == pytest.approx(whole["loss"], rel=1e-5, abs=1e-6)
+        assert micro["clip/fraction"] == pytest.approx(whole["clip/fraction"], rel=1e-5, abs=1e-8)  # token-weighted
+        for name in moved:  # lr 1: the change is the gradient
+            delta_whole, delta_micro = after_whole[name] - start[name], after_micro[name] - start[name]
+            assert torch.allclose(delta_micro, delta_whole, rtol=1e-4, atol=1e-7), name
 
 
 def test_chunked_logprobs_equal_the_full_computation_without_full_logits(tiny_model):
@@ -247,3 +251,86 @@ def test_kl_penalty_ignores_what_padding_and_masked_rows_hold(tiny_model, cache_
 
     assert torch.isfinite(metrics["kl/ref"]) and metrics["kl/ref"] > 0  # the real tokens' KL is counted
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_on_policy_recompute_completes_pi_old_from_the_only_mini_batch_and_frees_the_gradients(tmp_path, cache_dir):
+    """trainer.num_minibatches=1 with algo.old_logp=recompute (fully on-policy, what `auto` picks
+    under bf16): no π_old pass before the update, the one mini-batch's passes are π_old (ratio 1,
+    nothing clipped), every row is compared with the sampler, and no gradient outlives the update."""
+    cfg = compose_train(small_overrides(cache_dir) + ["trainer.num_minibatches=1", "algo.old_logp=recompute"])
+    policy, tokenizer, task, state = setup(cfg, tmp_path, DistEnv(), print)
+    ctx = make_context(cfg, policy, tokenizer, task, DistEnv(), state)
+    batch, _ = steps.collect_rollout(policy, ctx, state.stream)
+    assert batch.old.rows.numel() == 0  # nothing recomputed ahead of the update
+
+    metrics = update.update_policy(policy, state.optimizer, state.scheduler, batch, ctx)
+
+    assert metrics["faults/skipped_steps"] == 0 and metrics["clip/fraction"] == 0
+    assert metrics["mismatch/logp_abs_diff"] < 1e-4 and math.isfinite(metrics["loss"])
+    assert all(p.grad is None for p in policy.parameters())
+
+
+def truncation_batch(model, tokenizer, masked_rows):
+    """8 on-policy responses (2 groups of 4, advantages ±1) whose `masked_rows` are cut off and
+    left out of the loss (`algo.mask_truncated`), in mini-batches of 4: rows 0-3, then 4-7."""
+    prompts = [f"{a}+{a + 1}=" for a in range(2) for _ in range(4)]
+    rollout = generate_rollout(model, tokenizer, prompts, 6, 1.0, torch.Generator().manual_seed(0))
+    T, N = rollout.response_mask.shape[1], len(prompts)
+    with torch.no_grad():
+        old_logp = response_logprobs(model, rollout.input_ids, rollout.attention_mask, T)
+    rollout = rollout._replace(logp=old_logp)
+    advantages = torch.tensor([1.0, -1.0] * (N // 2))
+    loss_mask = rollout.response_mask.clone()
+    loss_mask[masked_rows] = 0
+    return steps.Batch(rollout, advantages, advantages, rollout.entropy, torch.arange(N),
+                       steps.OldPolicy(torch.arange(N), old_logp), loss_mask=loss_mask)
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_a_mini_batch_with_every_response_cut_off_is_skipped_cleanly(loss_agg, tiny_model, cache_dir):
+    """Every row of the first mini-batch cut off and masked: no 0/0 (a NaN counted as a fault,
+    which repeated stops the run), no optimizer step for it, the second mini-batch still learns."""
+    model, tokenizer = tiny_model
+    batch = truncation_batch(model, tokenizer, masked_rows=[0, 1, 2, 3])
+    cfg = compose_train(small_overrides(cache_dir) + ["trainer.num_minibatches=2", "algo.mask_truncated=true",
+                                                      f"algo.loss_agg={loss_agg}"])
+    ctx = steps.StepContext(cfg, None, tokenizer, DistEnv(), torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    metrics = sgd_update(model, batch, ctx, lr=0.1)
+
+    assert metrics["faults/skipped_steps"] == 0 and metrics["update/empty_minibatches"] == 1
+    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_fully_masked_row_does_not_count_in_the_sequence_mean(tiny_model, cache_dir):
+    """seq-mean-token-mean: a response cut off and masked entirely is not one of the sequences
+    the loss averages over, so the update equals the update of the batch without that row
+    (counting it shrank every other row's weight by 3/4 here)."""
+    model, tokenizer = tiny_model
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = compose_train(small_overrides(cache_dir) + ["trainer.num_minibatches=1", "algo.mask_truncated=true",
+                                                      "trainer.max_grad_norm=1e9"])
+    ctx = steps.StepContext(cfg, None, tokenizer, DistEnv(), torch.Generator().manual_seed(0))
+    with_row = truncation_batch(model, tokenizer, masked_rows=[0, 4])  # one of each group's 4
+
+    def step(batch):
+        model.load_state_dict(start)
+        metrics = sgd_update(model, batch, ctx, lr=1.0)
+        return metrics, {k: v.clone() for k, v in model.state_dict().items()}
+
+    kept = torch.tensor([1, 2, 3, 5, 6, 7])
+    r = with_row.rollout
+    without = steps.Batch(r._replace(input_ids=r.input_ids[kept], attention_mask=r.attention_mask[kept],
+                                     response_mask=r.response_mask[kept], logp=r.logp[kept], entropy=r.entropy[kept],
+                                     completions=[r.completions[i] for i in kept]),
+                          with_row.rewards[kept], with_row.advantages[kept], with_row.entropy[kept], torch.arange(6),
+                          steps.OldPolicy(torch.arange(6), with_row.old.logp[kept]), loss_mask=with_row.loss_mask[kept])
+    (m_with, after_with), (m_without, after_without) = step(with_row), step(without)
+    assert m_with["loss"] == pytest.approx(m_without["loss"], rel=1e-5, abs=1e-7)
+    moved = [k for k in start if not torch.equal(start[k], after_without[k])]
+    assert moved
+    for name in moved:
+        torch.testing.assert_close(after_with[name] - start[name], after_without[name] - start[name],
+                                   rtol=1e-4, atol=1e-7)

@@ -49,8 +49,8 @@ def aggregate(
         Scalar loss.
     """
     lengths = mask.sum(1)  # [B]
-    if values.dim() == 1:
-        seq_sum, seq_mean = values * lengths, values  # [B]
+    if values.dim() == 1:  # a row without a token (masked out entirely) contributes nothing
+        seq_sum, seq_mean = values * lengths, torch.where(lengths > 0, values, 0.0)  # [B]
     else:
         seq_sum = torch.where(mask.bool(), values, 0.0).sum(1)  # selected, not · mask: NaN · 0 = NaN
         seq_mean = seq_sum / lengths.clamp(min=1.0)

@@ -24,7 +24,7 @@ def pad_routes(layer: torch.Tensor, left: int, right: int) -> torch.Tensor:
     """[N, P + T, k] routes padded like the tokens: `left` columns before the prompt, `right`
     after the response. Padding positions are masked out everywhere; they get experts
     0..k-1, a valid choice, so that Routing Replay can force them like any other."""
-    filler = torch.arange(layer.shape[-1], device=layer.device).expand(layer.shape[0], 1, -1)
+    filler = torch.arange(layer.shape[-1], device=layer.device, dtype=layer.dtype).expand(layer.shape[0], 1, -1)
     return torch.cat([filler.expand(-1, left, -1), layer, filler.expand(-1, right, -1)], dim=1)
 
 

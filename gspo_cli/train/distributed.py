@@ -166,14 +166,28 @@ def shard_with_fsdp(model: torch.nn.Module, precision: str = "fp32") -> torch.nn
     return model
 
 
-def gradient_sync(model: torch.nn.Module, enabled: bool):
-    """A context for a backward pass that all-reduces gradients across ranks (`enabled`) or
-    only accumulates them locally: the micro-batches of a mini-batch but its last."""
-    if enabled:
+def is_fsdp(model: torch.nn.Module) -> bool:
+    """Whether `model` is sharded by FSDP2 (`fully_shard` makes it an `FSDPModule`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def micro_batch_sync(model: torch.nn.Module, last: bool, fsdp_unsharded: bool = False):
+    """The context for one micro-batch's forward *and* backward pass: whether its gradients are
+    reduced across ranks now or only accumulated locally.
+
+    DDP: reduced on the mini-batch's last micro-batch only (`no_sync` must cover the forward
+    too: DDP decides in the forward whether the next backward all-reduces). FSDP2: reduce-
+    scattered after every micro-batch, so a rank holds its shard's gradient and never the full
+    one, unless `fsdp_unsharded` (`hardware.fsdp_unsharded_accumulation`) trades that memory
+    for one reduce-scatter per mini-batch.
+    """
+    if last:
         return contextlib.nullcontext()
     if hasattr(model, "no_sync"):  # DDP
         return model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+    if fsdp_unsharded and hasattr(model, "set_requires_gradient_sync"):  # FSDP2
         return _fsdp_no_sync(model)
     return contextlib.nullcontext()
 

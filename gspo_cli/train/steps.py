@@ -7,7 +7,6 @@ prompts (a prompt's G responses never split), and every normalisation uses globa
 
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 from dataclasses import dataclass
@@ -20,19 +19,14 @@ from gspo_cli.algo.batch_shaping import overlong_penalty
 from gspo_cli.algo.losses import masked_mean
 from gspo_cli.config import TrainConfig
 from gspo_cli.data.tasks import PromptStream, Task
-from gspo_cli.models.routing import (
-    MoERouting,
-    Routes,
-    routes_by_sequence,
-    routes_megabytes,
-)
+from gspo_cli.models.routing import MoERouting, Routes, routes_megabytes
 from gspo_cli.rollout.batching import concat_rollouts
 from gspo_cli.rollout.evaluation import greedy_eval
 from gspo_cli.rollout.generate import Rollout, generate_rollout
 from gspo_cli.rollout.refill import fill_with_informative_groups
-from gspo_cli.rollout.scoring import response_logprobs
 from gspo_cli.train.distributed import (DistEnv, all_gather_rows, all_reduce_any, all_reduce_max, all_reduce_sum,
                                         gathered_for_generation, shard, unwrap)
+from gspo_cli.train.passes import plan_micro_batches, score_rows
 
 
 @dataclass
@@ -112,7 +106,8 @@ def sample_and_score(policy, ctx: StepContext, stream: PromptStream,
     answers = [p.answer for p in problems for _ in range(tc.group_size)]
 
     start = time.perf_counter()
-    routing = ctx.routing if old_logp_source(ctx.cfg) == "rollout" else None  # the sampler's routes are π_old's
+    # the sampler's routes are π_old's, when they are kept
+    routing = ctx.routing if old_logp_source(ctx.cfg) == "rollout" and keeps_old_routes(ctx) else None
     size = tc.rollout_batch_size or len(prompts)  # rows whose KV cache exists at once
     with gathered_for_generation(policy, ctx.cfg.hardware.gather_for_rollout):  # FSDP2: gathered once, not per token
         rollout = concat_rollouts([
@@ -152,26 +147,53 @@ def evaluate(policy, ctx: StepContext) -> tuple[dict[str, float], list[dict[str,
     return {"eval/accuracy": sums[1] / n, "eval/reward": sums[2] / n, "eval/response_length": sums[3] / n}, samples
 
 
-def micro_batches(rows: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
-    """Rows of a mini-batch in passes of at most `size` sequences (0: one pass)."""
-    return rows.split(size) if size > 0 else (rows,)
+def keeps_old_routes(ctx: StepContext) -> bool:
+    """Whether π_old's experts are kept: for Routing Replay and for `routing/changed_fraction`
+    (`algo.routing_metrics`, by default on for MoE models)."""
+    algo = ctx.cfg.algo
+    return ctx.routing is not None and (algo.routing_replay or algo.routing_metrics is not False)
+
+
+def measures_volatility(ctx: StepContext) -> bool:
+    """Whether `routing/volatility` is measured: `algo.routing_volatility`, by default on for MoE models."""
+    return ctx.routing is not None and ctx.cfg.algo.routing_volatility is not False
+
+
+def gather_rows(parts: Sequence[OldPolicy], rows: torch.Tensor) -> OldPolicy:
+    """The values of `rows` ([n] batch rows, in that order) from parts that hold each of them."""
+    parts = [part for part in parts if part.rows.numel()]
+    held = torch.cat([part.rows for part in parts])
+    size = int(max(held.max(), rows.max())) + 1 if rows.numel() else 0
+    position = torch.full((size,), -1, dtype=torch.long, device=held.device)
+    position[held] = torch.arange(held.numel(), device=held.device)  # where each row's values are in the parts
+    index = position[rows]
+    if (index < 0).any():
+        raise ValueError(f"rows {rows[index < 0].tolist()} are in none of the parts")
+    routes = None if any(part.routes is None for part in parts) else [
+        torch.cat(layer)[index] for layer in zip(*(part.routes for part in parts))]
+    return OldPolicy(rows, torch.cat([part.logp for part in parts])[index], routes)
+
+
+def rows_logprobs(model, rollout: Rollout, rows: torch.Tensor, ctx: StepContext,
+                  routing: Optional[MoERouting] = None) -> OldPolicy:
+    """log π (and with `routing` the experts chosen) of `rows` under `model`, without gradient, one
+    micro-batch at a time (`trainer.micro_batch_size`/`micro_batch_tokens`): peak memory is one
+    micro-batch's pass, and rows do not interact in the forward pass, so the values are those of
+    one pass over the rows."""
+    tc, T = ctx.cfg.trainer, rollout.response_mask.shape[1]
+    if rows.numel() == 0:
+        return OldPolicy(rows, rollout.response_mask.new_zeros(0, T), None)
+    with torch.no_grad():
+        parts = [OldPolicy(micro.rows, *score_rows(model, rollout, micro, tc.temperature, tc.logprob_chunk_tokens,
+                                                   routing))
+                 for micro in plan_micro_batches(rollout, rows, tc.micro_batch_size, tc.micro_batch_tokens, ctx.env)]
+    return gather_rows(parts, rows)
 
 
 def old_logprobs(sampler, rollout: Rollout, ctx: StepContext, minibatches: Sequence[torch.Tensor]) -> OldPolicy:
-    """π_old of the rows of `minibatches`, one micro-batch at a time: peak memory is one
-    micro-batch's pass, and rows do not interact in the forward pass, so the values are
-    those of one pass over the batch."""
-    tc, T = ctx.cfg.trainer, rollout.response_mask.shape[1]
-    rows = torch.cat(list(minibatches))
-    logps, routes = [], []
-    for micro in micro_batches(rows, tc.micro_batch_size):
-        capture = ctx.routing.capture() if ctx.routing else contextlib.nullcontext()
-        with torch.no_grad(), capture as recorded:
-            logps.append(response_logprobs(sampler, rollout.input_ids[micro], rollout.attention_mask[micro], T,
-                                           tc.temperature, tc.logprob_chunk_tokens))
-        if recorded is not None:
-            routes.append(routes_by_sequence(list(recorded), len(micro)))  # per layer [n, L, k]
-    return OldPolicy(rows, torch.cat(logps), [torch.cat(layer) for layer in zip(*routes)] if routes else None)
+    """π_old of the rows of `minibatches` (none: an empty `OldPolicy`), with its experts when they are kept."""
+    rows = torch.cat(list(minibatches)) if minibatches else torch.empty(0, dtype=torch.long)
+    return rows_logprobs(sampler, rollout, rows, ctx, ctx.routing if keeps_old_routes(ctx) else None)
 
 
 def complete_old_policy(parts: Sequence[OldPolicy], num_seqs: int) -> OldPolicy:
@@ -180,22 +202,13 @@ def complete_old_policy(parts: Sequence[OldPolicy], num_seqs: int) -> OldPolicy:
     if rows.numel() != num_seqs or torch.unique(rows).numel() != num_seqs:
         raise ValueError(f"π_old parts cover {torch.unique(rows).numel()} distinct of {rows.numel()} rows, "
                          f"not each of the batch's {num_seqs} rows once")
-    position = torch.empty_like(rows)
-    position[rows] = torch.arange(num_seqs, device=rows.device)  # where each row's values are in the parts
-    routes = None if any(part.routes is None for part in parts) else [
-        torch.cat(layer)[position] for layer in zip(*(part.routes for part in parts))]
-    return OldPolicy(torch.arange(num_seqs, device=rows.device), torch.cat([part.logp for part in parts])[position],
-                     routes)
+    return gather_rows(parts, torch.arange(num_seqs, device=rows.device))
 
 
 def reference_logprobs(ref_model, rollout: Rollout, ctx: StepContext) -> torch.Tensor:
     """log π_ref [N, T] of every row, one micro-batch at a time (as for π_old)."""
-    tc, T = ctx.cfg.trainer, rollout.response_mask.shape[1]
     rows = torch.arange(rollout.input_ids.shape[0], device=rollout.input_ids.device)
-    with torch.no_grad():
-        return torch.cat([response_logprobs(ref_model, rollout.input_ids[micro], rollout.attention_mask[micro], T,
-                                            tc.temperature, tc.logprob_chunk_tokens)
-                          for micro in micro_batches(rows, tc.micro_batch_size)])
+    return rows_logprobs(ref_model, rollout, rows, ctx).logp
 
 
 def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Batch, dict[str, float]]:
