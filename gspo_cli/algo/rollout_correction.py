@@ -67,9 +67,10 @@ def level_log_ratio(train_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: 
     """log ρ at one of `LEVELS`, a sequence's value repeated on each of its tokens.
 
     `token`: log ρ_t. `seq`: Σ_t log ρ_t, the log of the product of the sequence's token ratios;
-    its spread grows with the length (thousands of tokens of a ~1e-3 gap each put it far outside
-    any band). `geo`: mean_t log ρ_t, the log of the geometric mean, which stays near 0 at any
-    length; it is what GSPO's own sequence ratio takes of π_θ / π_old. Padding positions count
+    its spread grows with the length (as √T for independent per-token errors, as T for a
+    systematic one), so a band that suits short responses cuts most long ones. `geo`: mean_t log ρ_t,
+    the log of the geometric mean, whose spread shrinks with the length; it is what GSPO's own
+    sequence ratio takes of π_θ / π_old. Padding positions count
     nowhere, whatever they hold (NaN, ±inf): they are selected away, not multiplied by 0.
 
     Args:
