@@ -210,10 +210,13 @@ class AlgoConfig:
     """π_old from a forward pass of the rollout policy (recompute), from the sampler (rollout),
     or auto: the sampler's numbers when they are the trainer's own (fp32, no correction), else recompute."""
     rollout_correction: str = "none"
-    """Importance correction for the sampler/trainer gap (needs π_old recomputed): none, tis-token,
-    tis-seq (truncated: min(ρ, cap)) or mis-token, mis-seq (masked: ρ where ρ ≤ cap, else 0)."""
+    """Importance correction for the sampler/trainer gap (needs π_old recomputed): none, or
+    tis-LEVEL (truncated: min(ρ, cap)) or mis-LEVEL (masked: ρ where cap_low ≤ ρ ≤ cap, else 0), with
+    LEVEL token (ρ_t), seq (the product Π_t ρ_t) or geo (its geometric mean, length-normalised as GSPO's ratio)."""
     rollout_correction_cap: float = 2.0
-    """C of `rollout_correction`."""
+    """C of `rollout_correction`, its upper bound (geo modes want caps near 1, e.g. 1.001)."""
+    rollout_correction_cap_low: Optional[float] = None
+    """Lower bound of the masked modes (mis-*); null: 1/rollout_correction_cap. The truncated modes have none."""
     tis_cap: Optional[float] = None
     """Shorthand kept from earlier versions: `tis_cap=C` is rollout_correction=tis-token with cap C."""
     mask_truncated: bool = False

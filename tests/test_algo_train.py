@@ -10,6 +10,7 @@ from test_train import STEP_METRICS, small_overrides
 
 import gspo_cli.train.model_loading as model_loading
 import gspo_cli.train.steps as steps
+import gspo_cli.train.update as update
 from gspo_cli.algo.losses import LOSSES
 from gspo_cli.train.loop import train
 from gspo_cli.train.steps import old_logp_source
@@ -115,11 +116,50 @@ def test_advantage_kl_and_tis_options_train(tmp_path, cache_dir, monkeypatch):
 @pytest.mark.parametrize("mode, fraction", [("tis-seq", "correction/truncated_fraction"),
                                             ("mis-token", "correction/masked_fraction")])
 def test_rollout_correction_modes_train_and_log_what_they_cut(tmp_path, cache_dir, monkeypatch, mode, fraction):
-    records, _ = run(tmp_path, cache_dir, "gspo", [f"algo.rollout_correction={mode}", "algo.old_logp=recompute"],
-                     monkeypatch=monkeypatch)
+    """A run whose sampler and trainer differ cuts some ratios, and logs the share it cut.
+
+    Under bf16 the sampler (KV cache, one token at a time) and the trainer (one full pass) round
+    differently, on both sides: |Δ log p| averaged 2.5e-3 in step 1 when this test was written
+    (~0.1 in step 2, after a step at lr 1e-2). A cap of 1.001 with its lower bound 1/1.001 then
+    cuts some ratios (a third of the tokens in step 1), not all.
+    """
+    calls, original = [], update.importance_weights
+
+    def spy(train_logp, sampler_logp, mask, *args, **kwargs):
+        weights, metrics = original(train_logp, sampler_logp, mask, *args, **kwargs)
+        calls.append((train_logp - sampler_logp, mask.bool(), weights, metrics))
+        return weights, metrics
+
+    monkeypatch.setattr(update, "importance_weights", spy)
+    cap = 1.001
+    records, _ = run(tmp_path, cache_dir, "gspo", [
+        f"algo.rollout_correction={mode}", f"algo.rollout_correction_cap={cap}", "algo.old_logp=recompute",
+        "hardware.precision=bf16"])
     assert_finite(records, STEP_METRICS + ["loss", "correction/weight_mean", fraction])
-    # float32 on CPU: the sampler and the trainer agree to ~1e-7, so nothing is cut and the weights are ~1.
-    assert all(r[fraction] == 0.0 and r["correction/weight_mean"] == pytest.approx(1.0, abs=1e-4) for r in records)
+    assert len(calls) == 2 * 4  # 2 steps × 4 mini-batches, one micro-batch each
+    for step, record in enumerate(records):
+        shares = []
+        for log_ratio, real, weights, metrics in calls[4 * step:4 * step + 4]:
+            # What was cut, from the log-ratios alone: tis-seq truncates whole sequences whose
+            # product of token ratios exceeds the cap, to the cap; mis-token zeroes tokens outside [1/C, C].
+            if mode == "tis-seq":
+                seq = torch.where(real, log_ratio, 0.0).sum(1, keepdim=True).exp().expand_as(real)
+                cut = real & (seq > cap)
+                assert torch.allclose(weights[cut], torch.tensor(cap))
+            else:
+                ratio = log_ratio.exp()
+                cut = real & ((ratio > cap) | (ratio < 1 / cap))
+                assert (weights[cut] == 0).all() and (weights[real & ~cut] > 0).all()
+            share = cut.sum().item() / real.sum().item()
+            assert metrics[fraction].item() == pytest.approx(share)
+            shares.append(share)
+        assert record[fraction] > 0.0
+        assert record[fraction] == pytest.approx(sum(shares) / len(shares))  # the mean over mini-batches
+    if mode == "mis-token":  # both tails were cut, and the parts add up to the whole
+        assert all(r["correction/masked_fraction_low"] > 0 and r["correction/masked_fraction_high"] > 0
+                   for r in records)
+        assert all(r["correction/masked_fraction_low"] + r["correction/masked_fraction_high"]
+                   == pytest.approx(r[fraction]) for r in records)
 
 
 def test_rollout_log_probs_as_pi_old(tmp_path, cache_dir, monkeypatch):
