@@ -206,3 +206,11 @@ def test_bad_algo_options_fail_before_training(tmp_path, cache_dir):
         train(compose_train(small_overrides(cache_dir) + ["algo.loss_agg=sum"]), tmp_path / "a")
     with pytest.raises(ValueError, match="old_logp=recompute"):
         train(compose_train(small_overrides(cache_dir) + ["algo.old_logp=rollout", "algo.tis_cap=2"]), tmp_path / "b")
+    recompute = ["algo.old_logp=recompute"]
+    with pytest.raises(ValueError, match="lower bound of the masked modes"):
+        train(compose_train(small_overrides(cache_dir) + recompute + [
+            "algo.rollout_correction=tis-token", "algo.rollout_correction_cap_low=0.5"]), tmp_path / "c")
+    with pytest.raises(ValueError, match="band empty"):
+        train(compose_train(small_overrides(cache_dir) + recompute + [
+            "algo.rollout_correction=mis-geo", "algo.rollout_correction_cap=1.5",
+            "algo.rollout_correction_cap_low=2"]), tmp_path / "d")

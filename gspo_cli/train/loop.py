@@ -91,6 +91,14 @@ def check_config(cfg: TrainConfig, env: DistEnv) -> None:
     if rollout_correction(cfg)[0] != "none" and old_logp_source(cfg) != "recompute":
         raise ValueError("algo.rollout_correction (or algo.tis_cap) corrects π_old recomputed by the trainer "
                          "for the sampler's numbers: it needs algo.old_logp=recompute")
+    mode, cap = rollout_correction(cfg)
+    if algo.rollout_correction_cap_low is not None and not mode.startswith("mis"):
+        raise ValueError(f"algo.rollout_correction_cap_low is the lower bound of the masked modes (mis-*); "
+                         f"algo.rollout_correction={mode} does not use it")
+    if mode.startswith("mis") and (algo.rollout_correction_cap_low or 1.0 / cap) >= cap:
+        raise ValueError(f"algo.rollout_correction={mode} keeps ratios in [cap_low, cap]: "
+                         f"algo.rollout_correction_cap={cap} leaves that band empty (cap_low "
+                         f"{algo.rollout_correction_cap_low or 1.0 / cap:g}); raise the cap above it")
     if tc.ppo_epochs < 1:
         raise ValueError(f"trainer.ppo_epochs={tc.ppo_epochs}: at least one pass over the rollout batch")
     if tc.prompts_per_step % env.world_size:

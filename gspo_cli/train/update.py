@@ -43,7 +43,8 @@ def minibatch_loss(logp: torch.Tensor, old_logp: torch.Tensor, batch: Batch, ind
     agg = dict(loss_agg=algo.loss_agg, horizon=ctx.cfg.trainer.max_new_tokens,  # Dr. GRPO's constant
                num_tokens=counts[0].item(), num_seqs=counts[1].item(), num_shards=ctx.env.world_size)
     mode, cap = rollout_correction(ctx.cfg)
-    is_weights, correction = importance_weights(old_logp, batch.rollout.logp[indices], mask, mode, cap)
+    is_weights, correction = importance_weights(old_logp, batch.rollout.logp[indices], mask, mode, cap,
+                                                cap_low=algo.rollout_correction_cap_low)
     loss, metrics = LOSSES[algo.loss](
         logp, old_logp, batch.advantages[indices], mask,
         clip_low=algo.clip_low, clip_high=algo.clip_high, is_weights=is_weights, **agg, **algo.params)
