@@ -1,6 +1,6 @@
 """Mixture-of-Experts routing under RL: capture expert choices, measure their drift, replay them.
 
-The GSPO paper (§4.3) observes that after each gradient update about 10% of the experts a
+The GSPO paper (§5.3) observes that after each gradient update about 10% of the experts a
 Qwen3-30B-A3B chooses for the same tokens change, which makes GRPO's per-token ratios
 swing; GRPO then needs "Routing Replay": compute π_θ with the experts π_old chose.
 
@@ -197,7 +197,7 @@ def routing_metrics(current: Routes, old: Routes, mask: torch.Tensor) -> dict[st
 
 def volatility_metrics(per_minibatch: list[float]) -> dict[str, float]:
     """`routing/volatility`: the mean over mini-batches of the share of experts changed by one
-    optimizer step (GSPO paper §4.3), and each mini-batch's value `routing/volatility/minibatch_<i>`.
+    optimizer step (GSPO paper §5.3), and each mini-batch's value `routing/volatility/minibatch_<i>`.
 
     Args:
         per_minibatch: per optimizer step of one RL step, in order, the `routing/changed_fraction`

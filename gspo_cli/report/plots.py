@@ -138,7 +138,7 @@ def plot_groups(groups: dict[str, list[list[dict]]], metrics: tuple[str, ...], o
 
 
 def plot_volatility(groups: dict[str, list[list[dict]]], out: str | Path, title: str = "") -> Path:
-    """Expert volatility (GSPO paper §4.3): the share of activated experts one optimizer step
+    """Expert volatility (GSPO paper §5.3): the share of activated experts one optimizer step
     changes, per RL step (mean over its mini-batches, band over runs), and by mini-batch index
     (mean over steps and runs: the k-th update of a rollout batch)."""
     import matplotlib

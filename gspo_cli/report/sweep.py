@@ -26,7 +26,7 @@ JOB_FILE = "job.json"  # written by `gspo sweep`/`gspo train` when a job ends: s
 DEFAULT_TARGET = 0.7
 CURVE_METRICS = ("eval/accuracy", "reward/mean")
 CLIP_METRICS = ("clip/fraction",)
-VOLATILITY_METRIC = "routing/volatility"  # MoE runs only (GSPO paper §4.3)
+VOLATILITY_METRIC = "routing/volatility"  # MoE runs only (GSPO paper §5.3)
 # A run collapsed when it ended this far below its best evaluation (or below where it started).
 COLLAPSE_DROP = 0.15
 
