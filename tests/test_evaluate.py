@@ -160,3 +160,14 @@ def test_a_model_with_no_task_given_is_told_the_default_task_in_one_line_before_
     assert lines[notices[0]].startswith(f"{real_base_dir} is not a `gspo train` run and no task was given: "
                                         "evaluating on the default task of conf/eval.yaml, task=arithmetic,")
     assert notices[0] < next(i for i, line in enumerate(lines) if "held-out evaluation" in line)  # above the table
+
+
+def test_eval_stop_strings_end_greedy_and_sampled_responses(tmp_path, warm_model_dir):
+    # The warm-started model answers "a+b=" with digits then its end token: ended at the first
+    # digit by the stop strings, every response is one token long (where that token is a digit).
+    overrides = [f"checkpoint={warm_model_dir}", "task.max_operand=9", "task.num_eval=20", "eval.k=2",
+                 "eval.max_new_tokens=4", "eval.stop_strings=[0,1,2,3,4,5,6,7,8,9]", "logger=none"]
+    metrics = eval_job(overrides, tmp_path)[0]["metrics"]
+    unstopped = eval_job(overrides[:-2] + ["logger=none"], tmp_path / "unstopped")[0]["metrics"]
+    assert metrics["eval/response_length"] == 1.0 < unstopped["eval/response_length"]
+    assert metrics["eval/sample_response_length"] == 1.0 < unstopped["eval/sample_response_length"]
