@@ -85,15 +85,17 @@ def read_run_settings(checkpoint: str) -> Optional[RunSettings]:
     file = run_config_file(checkpoint)
     if file is None:
         return None
-    try:
-        raw = OmegaConf.to_container(OmegaConf.load(file), resolve=True)
-        if not isinstance(raw, dict) or "task" not in raw or "trainer" not in raw:
-            return None  # some other project's config.yaml
-        task = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(TaskConfig), raw["task"]))
+    raw = OmegaConf.load(file)
+    if not OmegaConf.is_dict(raw) or "task" not in raw or "trainer" not in raw:
+        return None  # some other project's config.yaml
+    try:  # only what is read is resolved: Hydra's copy may hold interpolations elsewhere
+        task = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(TaskConfig),
+                                                      OmegaConf.to_container(raw.task, resolve=True)))
+        trainer = OmegaConf.to_container(raw.trainer, resolve=True)
     except Exception as exc:  # a run of another version of gspo: say which file, in one line
         raise ValueError(f"cannot read the task of the run from {file}: {str(exc).splitlines()[0]}; "
                          "give the task on the command line (task=NAME task.KEY=...)") from exc
-    defaults, trainer = TrainerConfig(), raw["trainer"]
+    defaults = TrainerConfig()
     return RunSettings(str(file), task, int(trainer.get("max_new_tokens", defaults.max_new_tokens)),
                        list(trainer.get("stop_strings", defaults.stop_strings)))
 
