@@ -85,10 +85,10 @@ def read_run_settings(checkpoint: str) -> Optional[RunSettings]:
     file = run_config_file(checkpoint)
     if file is None:
         return None
-    raw = OmegaConf.load(file)
-    if not OmegaConf.is_dict(raw) or "task" not in raw or "trainer" not in raw:
-        return None  # some other project's config.yaml
     try:  # only what is read is resolved: Hydra's copy may hold interpolations elsewhere
+        raw = OmegaConf.load(file)
+        if not OmegaConf.is_dict(raw) or "task" not in raw or "trainer" not in raw:
+            return None  # some other project's config.yaml
         task = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(TaskConfig),
                                                       OmegaConf.to_container(raw.task, resolve=True)))
         trainer = OmegaConf.to_container(raw.trainer, resolve=True)
