@@ -75,7 +75,9 @@ def eval_app(cfg: DictConfig) -> None:
               "or several as checkpoint=[dir1,dir2])", file=sys.stderr)
         sys.exit(2)
     typed: EvalConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    run_eval(typed, Path(HydraConfig.get().runtime.output_dir))
+    hydra_cfg = HydraConfig.get()
+    with user_errors_in_one_line():  # what the command line set wins over a run's own task
+        run_eval(typed, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
 
 
 INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--version")

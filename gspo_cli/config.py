@@ -413,7 +413,11 @@ class EvalSamplingConfig:
     temperature: float = 1.0
     """Sampling temperature of the n samples (greedy accuracy is always at temperature 0)."""
     max_new_tokens: int = 8
-    """Longest response (the training default, so checkpoints are scored as they were trained)."""
+    """Longest response; a `gspo train` run's checkpoint uses the run's `trainer.max_new_tokens` unless this
+    is set on the command line (the default 8 is the training default)."""
+    stop_strings: list[str] = field(default_factory=list)
+    """End a response once its text contains one of these, as `trainer.stop_strings` does in training; a run's
+    checkpoint uses the run's `trainer.stop_strings` unless this is set on the command line."""
     batch_size: int = 512
     """Sequences generated per forward batch."""
     dtype: str = "float32"
@@ -432,6 +436,8 @@ class EvalConfig:
     """A Hugging Face causal-LM directory or hub id, a `gspo train` run directory, or a list `[a,b]`."""
     eval: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    """The task when the checkpoints are not `gspo train` runs; a run's own task otherwise, with what the
+    command line sets on top (`gspo_cli/eval_task.py`)."""
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0

@@ -3,6 +3,7 @@ held-out problems.
 
 The greedy pass is the training loop's own (`rollout.evaluation.greedy_eval`); this job adds
 k sampled responses per problem and scores any Hugging Face causal-LM directory the same way.
+The task a checkpoint is scored on (a `gspo train` run's own, by default) is decided in `eval_task`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from gspo_cli.config import EvalConfig
 from gspo_cli.data.rewards import final_answer
 from gspo_cli.data.tasks import Problem, Task
+from gspo_cli.eval_task import EvalSettings, describe, given_keys, read_run_settings, settings_for
 from gspo_cli.rollout.evaluation import greedy_eval
 from gspo_cli.rollout.generate import generate_rollout
 
@@ -99,8 +101,10 @@ def sampled_eval(
     temperature: float,
     generator: torch.Generator,
     batch_size: int = 512,
+    stop_strings: Sequence[str] = (),
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Sample n responses per problem and compute the k-sample metrics.
+    """Sample n responses per problem (ending at the model's stop tokens and `stop_strings`) and
+    compute the k-sample metrics.
 
     Returns:
         (metrics, samples): `k_sample_metrics` plus `eval/sample_response_length` (mean
@@ -112,7 +116,8 @@ def sampled_eval(
     for start in range(0, len(problems), per_batch):
         chunk = problems[start:start + per_batch]
         prompts = [p.prompt for p in chunk for _ in range(n)]  # the n samples of a problem contiguous
-        rollout = generate_rollout(model, tokenizer, prompts, max_new_tokens, temperature, generator)
+        rollout = generate_rollout(model, tokenizer, prompts, max_new_tokens, temperature, generator,
+                                   stop_strings=stop_strings)
         lengths.extend(rollout.response_mask.sum(1).tolist())
         for i, problem in enumerate(chunk):
             completions = rollout.completions[i * n:(i + 1) * n]
@@ -139,10 +144,12 @@ def checkpoint_list(checkpoint: Any) -> list[str]:
 
 def resolve_checkpoint(path: str) -> str:
     """A `gspo train` run directory stands for its final model (a whole model, or LoRA adapters that
-    `load_model` merges into their base); anything else is loaded as given."""
-    final = Path(path) / "checkpoints" / "final"
-    whole_or_adapters = (final / "config.json").exists() or (final / "adapter_config.json").exists()
-    return str(final) if whole_or_adapters else path
+    `load_model` merges into their base), a resumable `checkpoints/step_N/` for its `model/`;
+    anything else is loaded as given."""
+    for model in (Path(path) / "checkpoints" / "final", Path(path) / "model"):
+        if (model / "config.json").exists() or (model / "adapter_config.json").exists():
+            return str(model)
+    return path
 
 
 def checkpoint_label(path: str) -> str:
@@ -154,8 +161,10 @@ def checkpoint_label(path: str) -> str:
     return Path(path).name or path
 
 
-def evaluate_checkpoint(path: str, cfg: EvalConfig, task: Task) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Load one causal LM and score it on the task's held-out split: greedy, then n samples."""
+def evaluate_checkpoint(path: str, cfg: EvalConfig, task: Task,
+                        settings: EvalSettings) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Load one causal LM and score it on the task's held-out split: greedy, then n samples, each
+    response at most `settings.max_new_tokens` long and ended by `settings.stop_strings`."""
     from gspo_cli.models.loading import load_model, load_tokenizer
 
     ec = cfg.eval
@@ -166,10 +175,11 @@ def evaluate_checkpoint(path: str, cfg: EvalConfig, task: Task) -> tuple[dict[st
     model = load_model(model_dir, ec.dtype, cfg.hardware.device, ec.trust_remote_code)
     tokenizer = load_tokenizer(model_dir, ec.trust_remote_code)
     task = task.for_tokenizer(tokenizer)  # the chat template, when task.chat_template is set
-    metrics, greedy_samples = greedy_eval(model, tokenizer, task, task.eval, ec.max_new_tokens, ec.batch_size)
+    length, stops = settings.max_new_tokens, settings.stop_strings
+    metrics, greedy_samples = greedy_eval(model, tokenizer, task, task.eval, length, ec.batch_size, stops)
     generator = torch.Generator(device=cfg.hardware.device).manual_seed(cfg.seed)
-    sampled, samples = sampled_eval(model, tokenizer, task, task.eval, n, ec.k, ec.max_new_tokens,
-                                    ec.temperature, generator, ec.batch_size)
+    sampled, samples = sampled_eval(model, tokenizer, task, task.eval, n, ec.k, length, ec.temperature,
+                                    generator, ec.batch_size, stops)
     return {**metrics, **sampled}, greedy_samples[:ec.samples_logged]
 
 
@@ -188,28 +198,40 @@ def comparison_table(results: list[dict[str, Any]], k: int):
     return table
 
 
-def run_eval(cfg: EvalConfig, run_dir: Path) -> list[dict[str, Any]]:
-    """Evaluate every checkpoint; write `eval.json` and one W&B run (job_type=eval) per checkpoint."""
+def run_eval(cfg: EvalConfig, run_dir: Path, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Evaluate every checkpoint; write `eval.json` and one W&B run (job_type=eval) per checkpoint.
+
+    Args:
+        overrides: The command line's Hydra overrides: what they set wins over a run's own
+            task, response length and stop strings (`eval_task.settings_for`).
+    """
     from rich.console import Console
 
     from gspo_cli.data.tasks import build_task
     from gspo_cli.report.logs import RunLogger
     from gspo_cli.train.host import configure_host
 
+    paths = checkpoint_list(cfg.checkpoint)
+    all_settings = settings_for(paths, cfg, given_keys(overrides), [read_run_settings(p) for p in paths])
+    for path, settings in zip(paths, all_settings):  # before any loading: the user sees what is scored
+        print(describe(path, settings))
+    settings = all_settings[0]  # `settings_for` has refused checkpoints on different settings
     configure_host(cfg.hardware.num_threads, cfg.hardware.keep_freed_memory, cfg.hardware.device,
-                   cfg.eval.max_new_tokens)
-    task = build_task(cfg.task)
+                   settings.max_new_tokens)
+    task = build_task(settings.task_config())
     plain_cfg = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    plain_cfg["task"] = settings.task
+    plain_cfg["eval"].update(max_new_tokens=settings.max_new_tokens, stop_strings=settings.stop_strings)
     results = []
-    for i, path in enumerate(checkpoint_list(cfg.checkpoint)):
+    for i, (path, own) in enumerate(zip(paths, all_settings)):
         label = checkpoint_label(path)
         with RunLogger(run_dir / f"{i}-{label}", cfg.logger, {**plain_cfg, "checkpoint": path}, f"eval-{label}",
                        total_steps=0, key_metrics=("eval/accuracy", f"eval/pass@{cfg.eval.k}"),
                        job_type="eval") as logger:
-            metrics, samples = evaluate_checkpoint(path, cfg, task)
+            metrics, samples = evaluate_checkpoint(path, cfg, task, settings)
             logger.log(metrics, step=0)
             logger.log_samples(0, samples)
-        results.append({"checkpoint": path, "label": label, "metrics": metrics})
+        results.append({"checkpoint": path, "label": label, "settings_from": own.origins, "metrics": metrics})
     out = {"task": plain_cfg["task"], "eval": plain_cfg["eval"], "seed": cfg.seed,
            "num_problems": len(task.eval), "results": results}
     (run_dir / "eval.json").write_text(json.dumps(out, indent=2) + "\n")

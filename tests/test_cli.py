@@ -136,3 +136,51 @@ def test_two_nodes_share_one_run_directory_or_stop_with_a_clear_error(shared, tm
     else:
         for code, _, err in results:
             assert code != 0 and "do not see rank 0's run directory" in err, err[-2000:]
+
+
+def write_sums_jsonl(path, problems):
+    path.write_text("".join(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n" for p in problems))
+    return path
+
+
+def test_eval_of_a_run_scores_the_run_s_own_task_as_its_last_in_loop_evaluation(tmp_path, real_checkpoint_dir):
+    # Issue 30: a chat-template JSONL run with 24-token responses, then `gspo eval checkpoint=[RUN]`
+    # with no task given. It must score the problems the run evaluated on, as the run did: the
+    # same greedy decoding of the same prompts by the same weights, so the same accuracy exactly.
+    from gspo_cli.data.tasks import arithmetic_problems
+
+    sums = arithmetic_problems(9, "+")  # the one-digit sums the checkpoint was tuned on
+    train, held_out = write_sums_jsonl(tmp_path / "train.jsonl", sums[20:]), write_sums_jsonl(tmp_path / "eval.jsonl", sums[:20])
+    run_dir = tmp_path / "run"
+    result = run_gspo("train", "model=local", f"model.path={real_checkpoint_dir}", "task=jsonl", f"task.path={train}",
+                      f"task.eval_path={held_out}", "task.chat_template=true", "trainer.max_new_tokens=24",
+                      "trainer.max_steps=2", "trainer.prompts_per_step=8", "trainer.group_size=4",
+                      "trainer.eval_every=1", "trainer.lr=1e-3", "logger=none", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert 0 < last["eval/accuracy"] < 1, last  # a score that the wrong task or template would not give
+
+    eval_dir = tmp_path / "eval"
+    result = run_gspo("eval", f"checkpoint=[{run_dir}]", "eval.k=2", "logger=none", f"hydra.run.dir={eval_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((eval_dir / "eval.json").read_text())["results"][0]["metrics"]
+    assert metrics["eval/accuracy"] == last["eval/accuracy"]
+    assert metrics["eval/response_length"] == pytest.approx(last["eval/response_length"])
+    # and it says so, above the table: the run's task and where it came from
+    said = result.stdout[:result.stdout.index("held-out evaluation")]
+    assert "task=jsonl" in said and "chat_template=true" in said and "eval.max_new_tokens=24" in said, said
+    assert f"from the run's config ({run_dir / 'config.yaml'}): task, trainer.max_new_tokens" in said, said
+
+
+def test_eval_of_runs_trained_on_different_tasks_is_one_error_naming_what_differs(tmp_path):
+    # Issue 30: two runs' checkpoints, no task on the command line: a table across tasks means nothing.
+    runs = []
+    for name, path in (("a", "sums.jsonl"), ("b", "products.jsonl")):
+        runs.append(tmp_path / name)
+        runs[-1].mkdir()
+        (runs[-1] / "config.yaml").write_text(json.dumps({  # JSON is YAML: the part of a run's config eval reads
+            "task": {"name": "jsonl", "path": path, "chat_template": True}, "trainer": {"max_new_tokens": 24}}))
+    result = run_gspo("eval", f"checkpoint=[{runs[0]},{runs[1]}]", "logger=none", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"task.path (sums.jsonl in {runs[0]}, products.jsonl in {runs[1]})" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

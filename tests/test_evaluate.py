@@ -99,6 +99,11 @@ def compose_eval(overrides):
     return OmegaConf.to_object(cfg)
 
 
+def eval_job(overrides, run_dir):
+    """`gspo eval OVERRIDES` in this process: composed, and told what the command line set."""
+    return run_eval(compose_eval(overrides), run_dir, overrides)
+
+
 @pytest.fixture(scope="module")
 def warm_model_dir(cache_dir):
     """The warm-started test model of `small_overrides` (right some of the time on one-digit sums)."""
@@ -117,10 +122,9 @@ def test_greedy_sampling_makes_every_k_metric_equal_greedy_accuracy(tmp_path, re
     # <|im_end|> (their generation config's end token). At temperature 0 all n samples are the
     # greedy response, so mean@k = pass@k = maj@k = accuracy: a check that samples are grouped
     # per problem and scored against the right answers.
-    cfg = compose_eval([f"checkpoint=[{real_checkpoint_dir},{real_base_dir}]", "task.max_operand=9",
+    results = eval_job([f"checkpoint=[{real_checkpoint_dir},{real_base_dir}]", "task.max_operand=9",
                         "task.num_eval=20", "task.chat_template=true", "eval.k=3", "eval.n=4", "eval.temperature=0",
-                        "eval.max_new_tokens=12", "logger=none"])
-    results = run_eval(cfg, tmp_path)
+                        "eval.max_new_tokens=12", "logger=none"], tmp_path)
     tuned = results[0]["metrics"]
     assert 0 < tuned["eval/accuracy"] < 1  # the fine-tuned checkpoint is right some of the time
     assert tuned["eval/response_length"] <= 3  # one or two digits, then <|im_end|>
@@ -133,9 +137,8 @@ def test_greedy_sampling_makes_every_k_metric_equal_greedy_accuracy(tmp_path, re
 
 
 def test_sampled_eval_logs_a_wandb_eval_run(tmp_path, warm_model_dir):
-    cfg = compose_eval([f"checkpoint={warm_model_dir}", "task.max_operand=9", "task.num_eval=20",
-                        "eval.k=4", "eval.n=8", "eval.max_new_tokens=4"])
-    metrics = run_eval(cfg, tmp_path)[0]["metrics"]
+    metrics = eval_job([f"checkpoint={warm_model_dir}", "task.max_operand=9", "task.num_eval=20",
+                        "eval.k=4", "eval.n=8", "eval.max_new_tokens=4"], tmp_path)[0]["metrics"]
     # one sample right at rate p: pass@4 = 1 - (1-p)^4 on average, never below mean@4
     assert 0 < metrics["eval/mean@4"] <= metrics["eval/pass@4"] <= 1
     assert 0 <= metrics["eval/maj@4"] <= 1
@@ -144,3 +147,27 @@ def test_sampled_eval_logs_a_wandb_eval_run(tmp_path, warm_model_dir):
     records = read_finished_wandb_log(logs[0])
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert run.job_type == "eval"
+
+
+def test_a_model_with_no_task_given_is_told_the_default_task_in_one_line_before_it_is_evaluated(
+        tmp_path, capsys, real_base_dir):
+    # Issue 30: a plain Hugging Face directory, no run config, no task on the command line.
+    overrides = [f"checkpoint={real_base_dir}", "eval.k=1", "eval.max_new_tokens=2", "logger=none"]
+    eval_job(overrides, tmp_path)
+    lines = capsys.readouterr().out.splitlines()
+    notices = [i for i, line in enumerate(lines) if "no task was given" in line]
+    assert len(notices) == 1, lines
+    assert lines[notices[0]].startswith(f"{real_base_dir} is not a `gspo train` run and no task was given: "
+                                        "evaluating on the default task of conf/eval.yaml, task=arithmetic,")
+    assert notices[0] < next(i for i, line in enumerate(lines) if "held-out evaluation" in line)  # above the table
+
+
+def test_eval_stop_strings_end_greedy_and_sampled_responses(tmp_path, warm_model_dir):
+    # The warm-started model answers "a+b=" with digits then its end token: ended at the first
+    # digit by the stop strings, every response is one token long (where that token is a digit).
+    overrides = [f"checkpoint={warm_model_dir}", "task.max_operand=9", "task.num_eval=20", "eval.k=2",
+                 "eval.max_new_tokens=4", "eval.stop_strings=[0,1,2,3,4,5,6,7,8,9]", "logger=none"]
+    metrics = eval_job(overrides, tmp_path)[0]["metrics"]
+    unstopped = eval_job(overrides[:-2] + ["logger=none"], tmp_path / "unstopped")[0]["metrics"]
+    assert metrics["eval/response_length"] == 1.0 < unstopped["eval/response_length"]
+    assert metrics["eval/sample_response_length"] == 1.0 < unstopped["eval/sample_response_length"]
