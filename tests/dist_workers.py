@@ -369,4 +369,32 @@ def scale_path_worker(rank: int, world: int, port: int, model_dir: str, batch_fi
     torch.set_num_threads(1)
     metrics, params, seen, env = scale_path_update(model_dir, torch.load(batch_file), strategy, options)
     torch.save({"metrics": metrics, "params": params, "seen": seen}, f"{out_file}.{rank}")
+def rng_round_trip_worker(rank: int, world: int, port: int, out_file: str) -> None:
+    """Seed as the trainer does (`seed + rank`), draw, save every rank's random states the way a
+    checkpoint does (gathered to rank 0, one weights-only file), draw on; then restore this rank's
+    states from the file into fresh generators and draw again. Saves both draws of this rank."""
+    import random
+
+    import numpy as np
+
+    from gspo_cli.train.checkpoint import gather_rng_states, own_rng_state, rng_state, set_rng_state
+    from gspo_cli.train.loop import seed_everything
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    env = init_distributed("cpu")
+    generator = seed_everything(7 + rank)
+    torch.rand(3, generator=generator), torch.rand(3), random.random(), np.random.rand()
+
+    def draw(g):
+        return torch.rand(4, generator=g).tolist(), torch.rand(2).tolist(), random.random(), float(np.random.rand())
+
+    states = gather_rng_states(rng_state(generator), env)
+    if env.is_main:
+        torch.save({"rng": states}, f"{out_file}.state")
+    expected = draw(generator)
+    torch.distributed.barrier()
+    fresh = seed_everything(1000)
+    set_rng_state(own_rng_state(torch.load(f"{out_file}.state", weights_only=True), env), fresh)
+    torch.save({"expected": expected, "restored": draw(fresh), "saved_ranks": len(states)}, f"{out_file}.{rank}")
     shutdown(env)

@@ -1,5 +1,6 @@
 """FSDP2 loading where only rank 0 reads the checkpoint (`hardware.load_from_rank0`): every rank
-ends with the checkpoint's weights and buffers, and rank 1 never holds the whole model."""
+ends with the checkpoint's weights and buffers and its generation config (the stop tokens), and
+rank 1 never holds the whole model."""
 
 import json
 
@@ -85,3 +86,45 @@ def test_a_two_process_fsdp_run_with_a_kl_reference_does_not_depend_on_who_reads
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(records["true"]) == 3 and records["true"][0]["kl/ref"] > 0
     assert records["true"] == records["false"]
+
+
+def test_a_two_process_fsdp_run_of_the_qwen3_layout_checkpoint_stops_at_im_end(tmp_path, real_checkpoint_dir):
+    """Under FSDP2 every rank's model is a skeleton built from config.json, which lists only
+    `<|endoftext|>`: it must still stop at `<|im_end|>`, the checkpoint's generation_config.json
+    (no `trainer.stop_strings` here to hide it), and save that end-token list with the model."""
+    from test_real_checkpoint import MAX_NEW_TOKENS, chat_overrides
+    from transformers import AutoTokenizer, GenerationConfig
+
+    im_end, end_of_text = AutoTokenizer.from_pretrained(real_checkpoint_dir).convert_tokens_to_ids(
+        ["<|im_end|>", "<|endoftext|>"])
+    run_dir = tmp_path / "run"
+    result = run_gspo("train", *chat_overrides(real_checkpoint_dir), "hardware=cpu-2proc", "hardware.strategy=fsdp",
+                      "hardware.load_from_rank0=true", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 1, 2]
+    for line in lines[:2]:  # as in one process (test_real_checkpoint.py): an answer, <|im_end|>, no more
+        assert line["response_length/mean"] < MAX_NEW_TOKENS / 4, line
+        assert line["response/truncated_fraction"] < 0.5, line
+        assert line["eval/response_length"] < MAX_NEW_TOKENS / 4 and line["eval/accuracy"] > 0, line
+    final = GenerationConfig.from_pretrained(run_dir / "checkpoints" / "final")
+    assert final.eos_token_id == [im_end, end_of_text]
+
+
+def test_the_skeleton_has_the_checkpoints_generation_config(tmp_path, real_checkpoint_dir, tiny_model_dir):
+    """`build_empty_model` reads generation_config.json as `load_model` does (the Qwen3-layout
+    checkpoint lists <|im_end|> there, not in config.json), and falls back to config.json's as
+    `from_pretrained` does when a checkpoint has none."""
+    import shutil
+
+    from gspo_cli.models.loading import build_empty_model
+
+    loaded = load_model(real_checkpoint_dir).generation_config
+    assert len(loaded.eos_token_id) == 2  # <|im_end|> and <|endoftext|>
+    skeleton = build_empty_model(real_checkpoint_dir).generation_config
+    assert skeleton.eos_token_id == loaded.eos_token_id
+    assert skeleton.to_dict() == loaded.to_dict()
+    bare = tmp_path / "no-generation-config"
+    shutil.copytree(tiny_model_dir, bare)
+    (bare / "generation_config.json").unlink()
+    assert build_empty_model(bare).generation_config.eos_token_id == load_model(bare).generation_config.eos_token_id

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 from gspo_cli.config import on_cpu_by_default
 from gspo_cli.models import logprob_head
@@ -66,7 +67,8 @@ def build_empty_model(
     gradient_checkpointing: bool = False,
 ) -> PreTrainedModel:
     """The model `load_model` returns for the same arguments, built from the checkpoint's config
-    alone with every parameter and buffer on the meta device: no memory, no weights read.
+    alone with every parameter and buffer on the meta device: no memory, no weights read. Its
+    generation config is the checkpoint's, as `from_pretrained` reads it (`checkpoint_generation_config`).
 
     FSDP2 shards this skeleton, materialises each rank's shard, and receives the weights that
     rank 0 read (`train.sharded_loading`). `device` only chooses the CPU kernels, as in `load_model`."""
@@ -75,7 +77,23 @@ def build_empty_model(
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+    if model.can_generate():
+        model.generation_config = checkpoint_generation_config(path, model.generation_config)
     return prepare_model(model, device, experts_implementation, fused_rms_norm, gradient_checkpointing)
+
+
+def checkpoint_generation_config(path: str | Path, from_config: GenerationConfig) -> GenerationConfig:
+    """The checkpoint's generation_config.json (a local directory or a hub id), as `from_pretrained`
+    reads it; `from_config` (the one made from config.json) when there is none.
+
+    The two differ where it matters: Qwen3's chat checkpoints end a turn at `<|im_end|>`, listed
+    in generation_config.json's `eos_token_id` but not in config.json's. A model built with
+    `from_config` alone stops only at `<|endoftext|>`, and `save_pretrained` writes that shorter
+    list into the trained model."""
+    try:
+        return GenerationConfig.from_pretrained(str(path))
+    except OSError:  # no generation_config.json: from_pretrained falls back to config.json as well
+        return from_config
 
 
 def prepare_model(model: PreTrainedModel, device: str, experts_implementation: str,

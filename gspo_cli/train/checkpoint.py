@@ -5,7 +5,8 @@ A checkpoint is a directory `checkpoints/step_<N>/` holding
 - `model/`: the policy and its tokenizer (`save_pretrained`, safetensors); with LoRA the
   adapters only, in `peft`'s format (the base model is the run's starting point);
 - `trainer_state.pt`: optimizer, scheduler, the step, the prompt stream's position, every
-  random number generator, the W&B run id — tensors and plain Python values only, so it
+  random number generator of every rank (`rng`: a list indexed by rank, gathered to rank 0,
+  which writes the file), the W&B run id — tensors and plain Python values only, so it
   loads with `torch.load(weights_only=True)` and never runs pickled code.
 
 It is written to a hidden temporary directory and renamed into place only when complete,
@@ -25,14 +26,16 @@ import numpy as np
 import torch
 
 from gspo_cli.models.storage import move_into_place, write_dir_atomically
+from gspo_cli.train.distributed import DistEnv
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.pt"
 MODEL_FILES = ("config.json", "adapter_config.json")  # a whole model, or a LoRA run's adapters (`peft`)
 
 
-def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    """Python, NumPy, torch and the sampling generator's states, as weights-only-loadable values."""
+def rng_state(generator: torch.Generator, sampling_generator: Optional[torch.Generator] = None) -> dict[str, Any]:
+    """This process's Python, NumPy and torch states, its CPU generator's (mini-batch order, and
+    sampling on CPU) and its GPU sampling generator's (None without one), as weights-only-loadable values."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -40,10 +43,12 @@ def rng_state(generator: torch.Generator) -> dict[str, Any]:
                   "has_gauss": int(has_gauss), "gauss": float(gauss)},
         "torch": torch.get_rng_state(),
         "generator": generator.get_state(),
+        "sampling": None if sampling_generator is None else sampling_generator.get_state(),
     }
 
 
-def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+def set_rng_state(state: dict[str, Any], generator: torch.Generator,
+                  sampling_generator: Optional[torch.Generator] = None) -> None:
     """Restore what `rng_state` saved."""
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
@@ -51,6 +56,30 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     generator.set_state(state["generator"])
+    if sampling_generator is not None and state.get("sampling") is not None:
+        sampling_generator.set_state(state["sampling"])
+
+
+def gather_rng_states(state: dict[str, Any], env: DistEnv) -> list[dict[str, Any]]:
+    """Every rank's `rng_state`, in rank order, on rank 0 (the other ranks get []); called on every rank.
+
+    Each rank draws its own samples (its generators are seeded `seed + rank`), so an exact resume
+    needs each rank's states back, not rank 0's on every rank."""
+    if not env.distributed:
+        return [state]
+    import torch.distributed as dist
+
+    states: Optional[list] = [None] * env.world_size if env.is_main else None
+    dist.gather_object(state, states, dst=0)  # NCCL: through the GPU that init_distributed set
+    return states or []
+
+
+def own_rng_state(trainer_state: dict[str, Any], env: DistEnv) -> Optional[dict[str, Any]]:
+    """This rank's saved random states; None when the checkpoint was written by another number of ranks."""
+    states = trainer_state["rng"]
+    if isinstance(states, dict):  # written before states were kept per rank: rank 0's alone
+        states = [{**states, "sampling": trainer_state.get("sampling_rng")}]
+    return states[env.rank] if len(states) == env.world_size else None
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict[str, Any], keep_last: int) -> Path:

@@ -31,10 +31,12 @@ from gspo_cli.models.lora import AdaptersOff, is_adapted, trainable_parameters
 from gspo_cli.models.routing import MoERouting, is_moe
 from gspo_cli.report.logs import RunLogger
 from gspo_cli.train.checkpoint import (
+    gather_rng_states,
     is_sharded,
     latest_checkpoint,
     load_sharded_model,
     load_trainer_state,
+    own_rng_state,
     rng_state,
     save_checkpoint,
     save_sharded_checkpoint,
@@ -142,11 +144,10 @@ class TrainState:
     sampling_generator: Optional[torch.Generator] = None  # sampling on a GPU (generators are per device)
     step: int = 0  # completed RL steps
 
-    def to_dict(self, wandb_id: Optional[str]) -> dict[str, Any]:
-        sampling = None if self.sampling_generator is None else self.sampling_generator.get_state()
+    def to_dict(self, wandb_id: Optional[str], rng: list[dict[str, Any]]) -> dict[str, Any]:
+        """What a checkpoint's trainer_state.pt holds; `rng`: every rank's `rng_state` (`gather_rng_states`)."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "stream": self.stream.state(), "rng": rng_state(self.generator), "sampling_rng": sampling,
-                "wandb_id": wandb_id}
+                "stream": self.stream.state(), "rng": rng, "wandb_id": wandb_id}
 
 
 # ---------------------------------------------------------------------------- set-up
@@ -176,20 +177,27 @@ def setup(cfg: TrainConfig, run_dir: Path, env: DistEnv, log) -> tuple[Any, Any,
                                   fused=cfg.hardware.fused_adamw)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / tc.warmup_steps) if tc.warmup_steps else 1.0)
-    state = TrainState(optimizer, scheduler, PromptStream(task.train, cfg.seed), seed_everything(cfg.seed + env.rank))
+    saved = load_trainer_state(resume_from) if resume_from else {}
+    rng = own_rng_state(saved, env) if saved else None
+    # Each rank draws its own samples. A resume by another number of ranks cannot continue each
+    # rank's draws: every rank then seeds afresh from (seed, step, rank), not to repeat step 0's.
+    rank_seed = cfg.seed + env.rank if rng is not None or not saved else \
+        int(np.random.SeedSequence([cfg.seed, saved["step"], env.rank]).generate_state(1)[0])
+    state = TrainState(optimizer, scheduler, PromptStream(task.train, cfg.seed), seed_everything(rank_seed))
     if env.device != "cpu":
-        state.sampling_generator = torch.Generator(device=env.device).manual_seed(cfg.seed + env.rank)
+        state.sampling_generator = torch.Generator(device=env.device).manual_seed(rank_seed)
     if resume_from:
-        saved = load_trainer_state(resume_from)
         if sharded:  # model and optimizer resharded onto this run's ranks by DCP
             load_sharded_model(policy, resume_from, optimizer)
         else:
             optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state.stream.load_state(saved["stream"])
-        set_rng_state(saved["rng"], state.generator)
-        if state.sampling_generator is not None and saved.get("sampling_rng") is not None:
-            state.sampling_generator.set_state(saved["sampling_rng"])
+        if rng is not None:
+            set_rng_state(rng, state.generator, state.sampling_generator)
+        else:
+            log(f"warning: {resume_from} holds the random states of {len(saved['rng'])} rank(s), not "
+                f"{env.world_size}: each rank samples from a fresh seed, not as the saved run would have")
         state.step = saved["step"]
         log(f"resumed from {resume_from} at step {state.step}")
     return policy, tokenizer, task, state
@@ -286,11 +294,12 @@ def save_resumable(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, st
                    logger: RunLogger) -> None:
     """A checkpoint to resume from: sharded by every rank under FSDP2, else written by rank 0."""
     env, keep = ctx.env, cfg.trainer.keep_last
+    rng = gather_rng_states(rng_state(state.generator, state.sampling_generator), env)  # every rank's, on rank 0
     if env.distributed and cfg.hardware.strategy == "fsdp":
         save_sharded_checkpoint(run_dir, state.step, policy, state.optimizer, ctx.tokenizer,
-                                state.to_dict(logger.wandb_id), keep, env.is_main)
+                                state.to_dict(logger.wandb_id, rng), keep, env.is_main)
     elif env.is_main:
-        save_checkpoint(run_dir, state.step, unwrap(policy), ctx.tokenizer, state.to_dict(logger.wandb_id), keep)
+        save_checkpoint(run_dir, state.step, unwrap(policy), ctx.tokenizer, state.to_dict(logger.wandb_id, rng), keep)
 
 
 def loop_steps(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, state: TrainState,
