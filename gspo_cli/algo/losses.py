@@ -1,4 +1,5 @@
-"""Policy-gradient losses: GSPO, its token-level form, GRPO and the variants it is compared with.
+"""Policy-gradient losses: GSPO, its token-level form, GRPO and the variants it is compared with,
+and the registry of every loss (the follow-ups of `followup_losses.py` included).
 
 Every loss has one signature and is registered by name in `LOSSES`:
 
@@ -12,6 +13,8 @@ Shapes: B sequences (responses), T response tokens (right-padded).
     mask       [B, T]  1.0 on response tokens, 0.0 on padding
     is_weights [B, T]  optional detached importance weights (truncated IS for the gap between
                        sampler and trainer); sequence-level losses use their geometric mean
+    sampler_logp [B, T] optional, the sampler's log-probabilities; passed on to the losses
+                       that name it (icepop) and read by off-policy masking
 Values at padding positions are never read: `padding_neutral` replaces them before any
 arithmetic, so a NaN or inf left there cannot reach the loss or its gradient.
 
@@ -36,6 +39,14 @@ from typing import Optional
 import torch
 
 from gspo_cli.algo.aggregation import aggregate
+from gspo_cli.algo.followup_losses import (
+    clip_cov_loss,
+    dppo_loss,
+    icepop_loss,
+    kl_cov_loss,
+    luspo_loss,
+    vespo_loss,
+)
 from gspo_cli.algo.loss_terms import (  # noqa: F401  (masked_mean, Metrics, ... are imported from here too)
     LossFn,
     Metrics,
@@ -50,6 +61,7 @@ from gspo_cli.algo.loss_terms import (  # noqa: F401  (masked_mean, Metrics, ...
     token_advantages,
     weighted,
 )
+from gspo_cli.algo.off_policy_mask import with_off_policy_mask
 
 
 # ---------------------------------------------------------------------------- sequence-ratio losses
@@ -269,7 +281,7 @@ def sapo_loss(
     return loss, metrics
 
 
-LOSSES: dict[str, LossFn] = {
+LOSSES: dict[str, LossFn] = {name: with_off_policy_mask(loss_fn) for name, loss_fn in {
     "gspo": gspo_loss,
     "gspo-token": gspo_token_loss,
     "gmpo": gmpo_loss,
@@ -278,4 +290,12 @@ LOSSES: dict[str, LossFn] = {
     "dapo": dapo_loss,
     "cispo": cispo_loss,
     "sapo": sapo_loss,
-}
+    # GSPO's follow-ups (followup_losses.py)
+    "luspo": luspo_loss,
+    "vespo": vespo_loss,
+    "icepop": icepop_loss,
+    "dppo": dppo_loss,
+    "clip-cov": clip_cov_loss,
+    "kl-cov": kl_cov_loss,
+}.items()}
+"""Every loss by name; each also takes `off_policy_mask_threshold` (`off_policy_mask.py`)."""
