@@ -117,6 +117,29 @@ def test_icepop_without_the_samplers_numbers_is_grpo():
     assert m["icepop/masked_fraction"].item() == 0.0
 
 
+@pytest.mark.parametrize("bad", [float("nan"), -float("inf")])
+@pytest.mark.parametrize("name, params", [("icepop", {}), ("gspo", {"off_policy_mask_threshold": 0.5})])
+def test_a_non_finite_sampler_value_at_padding_changes_nothing(name, params, bad):
+    # An engine leaves −inf (or NaN) at padding. The 2-token response has A = −1 here, so the
+    # masking's mean KL over it must skip the padding: log π_sampler − log π_θ = −log k − log r =
+    # [0.223, 0], mean 0.112 ≤ 0.5, kept; a NaN taken into that mean would mask it.
+    k = torch.tensor([[0.4, 1.0, 1.0], [6.0, 2.0, 1.0]])
+    sampler = OLD - torch.log(k)
+    results = []
+    for poison in (False, True):
+        logp, sampler_logp = with_grad(OLD + torch.log(RATIOS)), sampler.clone()
+        if poison:
+            sampler_logp[MASK == 0] = bad
+        loss, metrics = LOSSES[name](logp, OLD, -ADV, MASK, sampler_logp=sampler_logp, **params)
+        loss.backward()
+        results.append((loss.detach(), logp.grad, metrics))
+    (clean, clean_grad, clean_metrics), (poisoned, grad, metrics) = results
+    assert torch.isfinite(poisoned) and torch.isfinite(grad).all()
+    torch.testing.assert_close((poisoned, grad), (clean, clean_grad), rtol=0, atol=0)
+    for key, value in clean_metrics.items():
+        torch.testing.assert_close(metrics[key], value, rtol=0, atol=0, msg=key)
+
+
 # ---------------------------------------------------------------------------- DPPO
 
 # Three responses of 2, 3 and 1 tokens; p_old and p_θ of the sampled tokens, A = +1, −1, 0.
@@ -229,6 +252,10 @@ def test_off_policy_masking_drops_negative_sequences_far_from_the_sampler():
     # token-mean keeps its denominator of 5 tokens: DAPO's loss is seq 0's sum −2 · 0.367879 / 5.
     loss, _ = LOSSES["dapo"](logp, OLD, ADV, MASK, clip_low=0.2, clip_high=0.28, off_policy_mask_threshold=0.5)
     assert loss.item() == pytest.approx(-2 * math.exp(-1) / 5, abs=1e-6)
+    # A sequence loss: GSPO's s_0 = e^(−1) with A = +1 is unclipped, −0.367879; the masked seq 1 adds
+    # nothing (not GSPO's term at ratio 1, +0.9997, which its emptied mask would leave): −0.367879 / 2.
+    loss, _ = LOSSES["gspo"](logp, OLD, ADV, MASK, off_policy_mask_threshold=0.5)
+    assert loss.item() == pytest.approx(-math.exp(-1) / 2, abs=1e-6)
 
 
 def test_off_policy_masking_measures_the_kl_from_the_samplers_numbers_when_given():
