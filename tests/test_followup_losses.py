@@ -35,7 +35,8 @@ def test_luspo_is_gspo_with_each_sequence_weighted_by_its_length():
     loss, m = LOSSES["luspo"](logp, OLD, ADV, MASK, clip_low=3e-4, clip_high=4e-4)
     assert loss.item() == pytest.approx(0.49915, abs=1e-6)
     assert gspo_loss(logp, OLD, ADV, MASK)[0].item() == pytest.approx(-0.00035, abs=1e-6)
-    assert (m["clip/low_fraction"].item(), m["clip/high_fraction"].item()) == (pytest.approx(3 / 5), pytest.approx(2 / 5))
+    assert (m["clip/low_fraction"].item(), m["clip/high_fraction"].item()) == \
+        (pytest.approx(3 / 5), pytest.approx(2 / 5))
 
 
 def test_luspo_gradient_on_policy_is_the_same_for_every_token_whatever_the_length():
@@ -66,7 +67,8 @@ def test_vespo_weights_each_sequence_by_the_gamma_kernel_of_its_unnormalised_rat
     torch.testing.assert_close(logp.grad, expected, rtol=0, atol=1e-6)
     # Both φ are below 1/2, so every token counts as clipped: seq 0's on the high side (w = 2 > 1),
     # seq 1's on the low side (w = 0.5).
-    assert (m["clip/high_fraction"].item(), m["clip/low_fraction"].item()) == (pytest.approx(2 / 5), pytest.approx(3 / 5))
+    assert (m["clip/high_fraction"].item(), m["clip/low_fraction"].item()) == \
+        (pytest.approx(2 / 5), pytest.approx(3 / 5))
     assert m["gate/seq_weight_mean"].item() == pytest.approx((0.199148 + 0.339785) / 2, abs=1e-6)
 
 
@@ -159,7 +161,8 @@ def test_dppo_masks_only_moves_past_the_trust_region_in_the_advantages_direction
     logp = with_grad(torch.log(DPPO_P_NEW))
     loss, m = LOSSES["dppo"](logp, torch.log(DPPO_P_OLD), DPPO_ADV, DPPO_MASK, clip_low=0.2, clip_high=0.2)
     assert loss.item() == pytest.approx(0.50081187, abs=1e-6)
-    assert (m["clip/high_fraction"].item(), m["clip/low_fraction"].item()) == (pytest.approx(1 / 6), pytest.approx(1 / 6))
+    assert (m["clip/high_fraction"].item(), m["clip/low_fraction"].item()) == \
+        (pytest.approx(1 / 6), pytest.approx(1 / 6))
     loss.backward()
     # A masked token keeps only the KL term's gradient 2·1e-3·log r / 6; a kept one adds −A·r / 6.
     expected = torch.tensor([[2e-3 * math.log(2), -0.5 + 2e-3 * math.log(0.5), 0.0],
@@ -196,7 +199,8 @@ def test_clip_cov_detaches_the_unclipped_tokens_whose_covariance_is_in_the_band(
                                  clip_cov_ratio=0.5)
     assert loss.item() == pytest.approx(-0.8 / 6, abs=1e-6)
     assert m["cov/selected_fraction"].item() == pytest.approx(1 / 6)
-    assert (m["clip/low_fraction"].item(), m["clip/high_fraction"].item()) == (pytest.approx(1 / 6), pytest.approx(1 / 6))
+    assert (m["clip/low_fraction"].item(), m["clip/high_fraction"].item()) == \
+        (pytest.approx(1 / 6), pytest.approx(1 / 6))
     loss.backward()
     # (0,0) lost its gradient (it would be −2/6); the unclipped, undetached tokens keep −A·r/6.
     assert logp.grad[0, 0].item() == 0.0
