@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-all bench gpu-check clean
+.PHONY: help install train test test-trl test-all bench gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ train: $(STAMP)  ## run `gspo train` with the defaults (extra overrides: make tr
 	$(BIN)/gspo train $(ARGS)
 
 test: $(STAMP)  ## run the test suite (under 10 minutes on 2 cores)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-trl: $(VENV)/.installed-bench  ## the test suite with TRL installed (the bench extra): the TRL cross-checks run instead of skipping
 	$(BIN)/python -m pytest -q $(ARGS)
 
 test-all: $(STAMP)  ## the test suite plus the slow end-to-end runs

@@ -48,11 +48,15 @@ def assert_no_gap(records):
         assert 1.0 <= record["mismatch/seq_ratio_max"] < 1.0 + MISMATCH_TOL, record
 
 
-@pytest.mark.parametrize("algo", ["dr-grpo", "dapo", "cispo", "sapo", "gmpo"])
+@pytest.mark.parametrize("algo", ["dr-grpo", "dapo", "cispo", "sapo", "gmpo", "luspo", "vespo", "icepop", "dppo",
+                                  "clip-cov", "kl-cov", "grpo-opsm"])
 def test_each_algo_trains_with_finite_metrics(algo, tmp_path, cache_dir):
     records, _ = run(tmp_path, cache_dir, algo)
     extra = {"dapo": ["sampling/informative_fraction", "sampling/refills", "reward/overlong_penalty"],
-             "sapo": ["gate/weight_mean"], "gmpo": ["ratio/seq_mean"]}.get(algo, [])
+             "sapo": ["gate/weight_mean"], "gmpo": ["ratio/seq_mean"], "luspo": ["ratio/seq_mean"],
+             "vespo": ["gate/seq_weight_mean"], "icepop": ["icepop/masked_fraction", "icepop/weight_mean"],
+             "clip-cov": ["cov/selected_fraction"], "kl-cov": ["cov/selected_fraction"],
+             "grpo-opsm": ["mask/off_policy_fraction"]}.get(algo, [])
     assert_finite(records, STEP_METRICS + ["loss", "eval/accuracy"] + extra)
     assert_no_gap(records)  # measured on every batch
 
@@ -74,11 +78,53 @@ def cispo_by_hand(logp, old_logp, advantages, mask, num_seqs, horizon):
     return per_token[mask.bool()].sum() / mask.sum()
 
 
-@pytest.mark.parametrize("algo, by_hand, kept", [
-    ("dr-grpo", dr_grpo_by_hand, (1 - 0.2, 1 + 0.27)),  # the ratio range the formula leaves unclipped
-    ("cispo", cispo_by_hand, (0.0, 1 + 0.28)),
+def luspo_by_hand(logp, old_logp, advantages, mask, num_seqs, horizon):
+    # LUSPO (conf/algo/luspo.yaml): GSPO's sequence ratio clipped to [1 − 3e-4, 1 + 4e-4], each
+    # sequence's loss times its length, summed and divided by the number of sequences.
+    lengths = mask.sum(1)
+    ratio = torch.exp(((logp - old_logp) * mask).sum(1) / lengths)
+    per_seq = -torch.minimum(ratio * advantages, ratio.clamp(1 - 3e-4, 1 + 4e-4) * advantages)
+    return (per_seq * lengths).sum() / num_seqs
+
+
+def dppo_by_hand(logp, old_logp, advantages, mask, num_seqs, horizon):
+    # DPPO (conf/algo/dppo.yaml): −A·r on the tokens whose probability did not move past ±0.2 in
+    # their advantage's direction, plus 1e-3 (log r)² on every token; averaged over the batch's tokens.
+    ratio, a = torch.exp(logp - old_logp), advantages[:, None]
+    kept = (~dppo_moved_too_far(logp, old_logp, advantages, mask)).float()
+    per_token = -kept * a * ratio + 1e-3 * (logp - old_logp) ** 2
+    return per_token[mask.bool()].sum() / mask.sum()
+
+
+def ratio_outside(low, high):
+    """The tokens (with A ≠ 0) whose token ratio leaves [low, high]."""
+    def acted(logp, old_logp, advantages, mask):
+        ratio = torch.exp(logp - old_logp)
+        return mask.bool() & (advantages != 0)[:, None] & ((ratio < low) | (ratio > high))
+    return acted
+
+
+def sequence_ratio_outside(low, high):
+    """The tokens of the sequences (with A ≠ 0) whose length-normalised ratio leaves [low, high]."""
+    def acted(logp, old_logp, advantages, mask):
+        ratio = torch.exp(((logp - old_logp) * mask).sum(1) / mask.sum(1))
+        return mask.bool() & ((advantages != 0) & ((ratio < low) | (ratio > high)))[:, None]
+    return acted
+
+
+def dppo_moved_too_far(logp, old_logp, advantages, mask):
+    """The tokens whose probability moved past 0.2 in their advantage's direction."""
+    change, a = torch.exp(logp) - torch.exp(old_logp), advantages[:, None]
+    return mask.bool() & (((a > 0) & (change > 0.2)) | ((a < 0) & (change < -0.2)))
+
+
+@pytest.mark.parametrize("algo, by_hand, acted", [
+    ("dr-grpo", dr_grpo_by_hand, ratio_outside(1 - 0.2, 1 + 0.27)),  # where the formula's clip acts
+    ("cispo", cispo_by_hand, ratio_outside(0.0, 1 + 0.28)),
+    ("luspo", luspo_by_hand, sequence_ratio_outside(1 - 3e-4, 1 + 4e-4)),
+    ("dppo", dppo_by_hand, dppo_moved_too_far),
 ])
-def test_algo_runs_its_own_loss_clip_range_and_aggregation(algo, by_hand, kept, tmp_path, cache_dir, monkeypatch):
+def test_algo_runs_its_own_loss_clip_range_and_aggregation(algo, by_hand, acted, tmp_path, cache_dir, monkeypatch):
     """Every mini-batch loss of a 2-step run equals the algorithm's formula worked out here,
     with its own clip range and normalisation, on the very inputs the trainer passed."""
     calls, registered = [], LOSSES[algo]
@@ -97,10 +143,8 @@ def test_algo_runs_its_own_loss_clip_range_and_aggregation(algo, by_hand, kept, 
     for logp, old_logp, advantages, mask, kwargs, loss in calls:
         expected = by_hand(logp, old_logp, advantages, mask, kwargs["num_seqs"], kwargs["horizon"])
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-8)
-        ratio = torch.exp(logp - old_logp)
-        counted = mask.bool() & (advantages != 0)[:, None]  # tokens whose ratio reaches the loss
-        outside += int((counted & ((ratio < kept[0]) | (ratio > kept[1]))).sum())
-    assert outside > 0  # some ratios left the clip range: the range shaped the values compared
+        outside += int(acted(logp, old_logp, advantages, mask).sum())
+    assert outside > 0  # the clip (or mask) acted on some tokens: it shaped the values compared
 
 
 def test_advantage_kl_and_tis_options_train(tmp_path, cache_dir, monkeypatch):
@@ -214,3 +258,29 @@ def test_bad_algo_options_fail_before_training(tmp_path, cache_dir):
         train(compose_train(small_overrides(cache_dir) + recompute + [
             "algo.rollout_correction=mis-geo", "algo.rollout_correction_cap=1.5",
             "algo.rollout_correction_cap_low=2"]), tmp_path / "d")
+
+
+def test_icepop_masks_the_tokens_on_which_sampler_and_trainer_disagree(tmp_path, cache_dir, monkeypatch):
+    """With top-k sampling the sampler reports the truncated distribution's probabilities and the
+    trainer the full one's, so k = π_old / π_sampler is the top-k mass of each step (≤ 1): the
+    tokens where it is below IcePop's α = 0.5 are masked, every mini-batch, as the formula says."""
+    calls, registered = [], LOSSES["icepop"]
+
+    def spy(logp, old_logp, advantages, mask, **kwargs):
+        loss, metrics = registered(logp, old_logp, advantages, mask, **kwargs)
+        calls.append((old_logp, kwargs.get("sampler_logp"), mask, metrics))
+        return loss, metrics
+
+    monkeypatch.setitem(LOSSES, "icepop", spy)
+    run(tmp_path, cache_dir, "icepop", ["trainer.top_k=2"])
+    if calls[0][1] is None:
+        pytest.skip("the trainer does not pass the sampler's log-probabilities to the loss yet "
+                    "(sampler_logp in train/update.py's minibatch_loss; docs/algorithms.md, IcePop)")
+    masked = 0.0
+    for old_logp, sampler_logp, mask, metrics in calls:
+        k = torch.exp(old_logp - sampler_logp)
+        assert bool((k[mask.bool()] <= 1 + 1e-5).all())  # the top-2 mass
+        expected = ((k < 0.5) & mask.bool()).sum() / mask.sum()
+        assert metrics["icepop/masked_fraction"].item() == pytest.approx(expected.item(), abs=1e-6)
+        masked += expected.item()
+    assert masked > 0  # some tokens were masked: the band shaped the losses compared

@@ -105,6 +105,11 @@ def test_ls_lists_every_group_with_the_first_comment_of_each_option():
     assert set(algos) == {p.stem for p in (CONF_DIR / "algo").glob("*.yaml")}
     result = run_gspo("ls", "algo")
     assert result.returncode == 0 and "dr-grpo" in result.stdout
+    # GSPO's follow-ups (issue 27), each listed with the paper it comes from.
+    followups = {"luspo": "2602.05261", "vespo": "2602.10693", "icepop": "2510.18855", "dppo": "2602.04879",
+                 "clip-cov": "2505.22617", "kl-cov": "2505.22617", "grpo-opsm": "2512.02556"}
+    for option, arxiv in followups.items():
+        assert f" {option} " in result.stdout and arxiv in algos[option], option
     assert run_gspo("ls", "nope").returncode == 2
 
 

@@ -1,4 +1,5 @@
-"""Policy-gradient losses: GSPO, its token-level form, GRPO and the variants it is compared with.
+"""Policy-gradient losses: GSPO, its token-level form, GRPO and the variants it is compared with,
+and the registry of every loss (the follow-ups of `followup_losses.py` included).
 
 Every loss has one signature and is registered by name in `LOSSES`:
 
@@ -12,6 +13,8 @@ Shapes: B sequences (responses), T response tokens (right-padded).
     mask       [B, T]  1.0 on response tokens, 0.0 on padding
     is_weights [B, T]  optional detached importance weights (truncated IS for the gap between
                        sampler and trainer); sequence-level losses use their geometric mean
+    sampler_logp [B, T] optional, the sampler's log-probabilities; passed on to the losses
+                       that name it (icepop) and read by off-policy masking
 Values at padding positions are never read: `padding_neutral` replaces them before any
 arithmetic, so a NaN or inf left there cannot reach the loss or its gradient.
 
@@ -31,139 +34,34 @@ damped the gradient to less than half (see each loss).
 
 from __future__ import annotations
 
-import functools
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from gspo_cli.algo.aggregation import aggregate
-
-Metrics = dict[str, torch.Tensor]
-LossFn = Callable[..., tuple[torch.Tensor, Metrics]]
-
-
-
-# ---------------------------------------------------------------------------- helpers
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of `values` where `mask` is 1, over `dim` (all elements when None).
-
-    Masked-out values are selected away, not multiplied by 0: a NaN or inf there (NaN · 0 = NaN)
-    does not reach the mean.
-    """
-    kept = torch.where(mask.bool(), values, 0.0)
-    if dim is None:
-        return kept.sum() / mask.sum().clamp(min=1.0)
-    return kept.sum(dim) / mask.sum(dim).clamp(min=1.0)
-
-
-def padding_neutral(loss_fn: LossFn) -> LossFn:
-    """`loss_fn` run on inputs whose padding positions hold neutral values: log-probabilities 0
-    (ratio 1), token advantages 0, importance weights 1.
-
-    Whatever the sampler or the forward pass left at padding (an inference engine's -inf, a
-    NaN) then never enters the arithmetic: masking only the result would not stop it, as
-    exp(inf) · 0 and NaN · 0 are NaN, in the loss and in its gradient. Real positions are
-    passed through unchanged, so the loss and its gradient there are as before.
-    """
-
-    @functools.wraps(loss_fn)
-    def wrapped(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                *args, is_weights: Optional[torch.Tensor] = None, **kwargs) -> tuple[torch.Tensor, Metrics]:
-        real = mask.bool()
-        logp, old_logp = torch.where(real, logp, 0.0), torch.where(real, old_logp, 0.0)
-        if advantages.dim() == 2:
-            advantages = torch.where(real, advantages, 0.0)
-        if is_weights is not None:
-            is_weights = torch.where(real, is_weights, 1.0)
-        return loss_fn(logp, old_logp, advantages, mask, *args, is_weights=is_weights, **kwargs)
-
-    return wrapped
-
-
-def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """log s_i = (1/|y_i|) Σ_t (log π_θ − log π_old): the log of GSPO's length-normalised ratio.
-
-    Args:
-        logp, old_logp, mask: [B, T].
-
-    Returns:
-        [B] log sequence ratios.
-    """
-    return masked_mean(logp - old_logp, mask, dim=1)
-
-
-def sequence_weights(is_weights: Optional[torch.Tensor], mask: torch.Tensor) -> Optional[torch.Tensor]:
-    """Geometric mean of token weights per sequence ([B, T] -> [B]), matching GSPO's ratio."""
-    if is_weights is None:
-        return None
-    return torch.exp(masked_mean(torch.log(is_weights.clamp(min=1e-12)), mask, dim=1))
-
-
-def _weighted(values: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
-    return values if weights is None else values * weights
-
-
-def clipped_surrogate(
-    ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO's pessimistic surrogate −min(r·A, clip(r, 1−ε_low, 1+ε_high)·A), elementwise.
-
-    Returns:
-        (loss, clipped_low, clipped_high): the per-element loss and two boolean masks of
-        where the lower clip (A < 0, r < 1 − ε_low) or the upper clip (A > 0, r > 1 + ε_high)
-        is active.
-    """
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages
-    loss = -torch.minimum(unclipped, clipped)
-    clipped_low = (advantages < 0) & (ratio < 1.0 - clip_low)
-    clipped_high = (advantages > 0) & (ratio > 1.0 + clip_high)
-    return loss, clipped_low, clipped_high
-
-
-def _token_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B] or [B, T] advantages as [B, T]."""
-    return advantages[:, None].expand_as(mask) if advantages.dim() == 1 else advantages
-
-
-def _common_metrics(
-    token_ratio: torch.Tensor,
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    mask: torch.Tensor,
-    clipped_low: torch.Tensor,
-    clipped_high: torch.Tensor,
-) -> Metrics:
-    """Clip shares over tokens and sequences, mean ratio, and KL(π_old ‖ π_θ).
-
-    `clipped_low`/`clipped_high` are [B, T] token masks; `token_ratio` is the ratio the
-    loss used for each token ([B, T]).
-    """
-    with torch.no_grad():
-        low, high = clipped_low.float() * mask, clipped_high.float() * mask
-        any_clip = (low + high).clamp(max=1.0)
-        log_ratio = (logp - old_logp).detach()
-        # k3 estimator of KL(π_old ‖ π_θ) on samples from π_old: (r − 1) − log r ≥ 0.
-        kl = torch.expm1(log_ratio) - log_ratio
-        seq_clipped = (any_clip.sum(dim=1) > 0).float()
-        return {
-            "clip/fraction": masked_mean(any_clip, mask),
-            "clip/low_fraction": masked_mean(low, mask),
-            "clip/high_fraction": masked_mean(high, mask),
-            "clip/seq_fraction": seq_clipped.mean(),
-            "ratio/mean": masked_mean(token_ratio.detach(), mask),
-            "kl/old_new": masked_mean(kl, mask),
-        }
-
-
-def _per_sequence_metrics(seq_ratio, logp, old_logp, mask, low, high) -> Metrics:
-    """`_common_metrics` for a loss with one ratio and one clip decision per sequence."""
-    expand = lambda x: x[:, None].expand_as(mask)  # noqa: E731
-    metrics = _common_metrics(expand(seq_ratio.detach()), logp, old_logp, mask, expand(low), expand(high))
-    metrics["ratio/seq_mean"] = seq_ratio.detach().mean()
-    return metrics
+from gspo_cli.algo.followup_losses import (
+    clip_cov_loss,
+    dppo_loss,
+    icepop_loss,
+    kl_cov_loss,
+    luspo_loss,
+    vespo_loss,
+)
+from gspo_cli.algo.loss_terms import (  # noqa: F401  (masked_mean, Metrics, ... are imported from here too)
+    LossFn,
+    Metrics,
+    clipped_surrogate,
+    common_metrics,
+    masked_mean,
+    padding_neutral,
+    per_sequence_metrics,
+    sequence_log_ratio,
+    sequence_surrogate,
+    sequence_weights,
+    token_advantages,
+    weighted,
+)
+from gspo_cli.algo.off_policy_mask import with_off_policy_mask
 
 
 # ---------------------------------------------------------------------------- sequence-ratio losses
@@ -194,10 +92,9 @@ def gspo_loss(
         loss_agg, agg: see `aggregate`; the paper's is seq-mean-token-mean.
         is_weights: [B, T] or None; their per-sequence geometric mean weights each sequence.
     """
-    seq_ratio = torch.exp(sequence_log_ratio(logp, old_logp, mask))  # [B]
-    per_seq, low, high = clipped_surrogate(seq_ratio, advantages, clip_low, clip_high)
-    loss = aggregate(_weighted(per_seq, sequence_weights(is_weights, mask)), mask, loss_agg, **agg)
-    return loss, _per_sequence_metrics(seq_ratio, logp, old_logp, mask, low, high)
+    per_seq, seq_ratio, low, high = sequence_surrogate(logp, old_logp, advantages, mask, clip_low, clip_high)
+    loss = aggregate(weighted(per_seq, sequence_weights(is_weights, mask)), mask, loss_agg, **agg)
+    return loss, per_sequence_metrics(seq_ratio, logp, old_logp, mask, low, high)
 
 
 @padding_neutral
@@ -225,10 +122,10 @@ def gspo_token_loss(
     """
     seq_log_ratio = sequence_log_ratio(logp, old_logp, mask)  # [B]
     token_ratio = torch.exp(logp - logp.detach() + seq_log_ratio.detach()[:, None])  # [B, T]
-    per_token, low, high = clipped_surrogate(token_ratio, _token_advantages(advantages, mask), clip_low, clip_high)
+    per_token, low, high = clipped_surrogate(token_ratio, token_advantages(advantages, mask), clip_low, clip_high)
     seq_w = sequence_weights(is_weights, mask)
-    loss = aggregate(_weighted(per_token, None if seq_w is None else seq_w[:, None]), mask, loss_agg, **agg)
-    metrics = _common_metrics(token_ratio, logp, old_logp, mask, low, high)
+    loss = aggregate(weighted(per_token, None if seq_w is None else seq_w[:, None]), mask, loss_agg, **agg)
+    metrics = common_metrics(token_ratio, logp, old_logp, mask, low, high)
     metrics["ratio/seq_mean"] = seq_log_ratio.detach().exp().mean()
     return loss, metrics
 
@@ -262,10 +159,10 @@ def gmpo_loss(
     pessimistic = sign * torch.minimum(sign * log_ratio, sign * clamped)
     seq_ratio = torch.exp(masked_mean(pessimistic, mask, dim=1))  # [B]
     per_seq = -advantages * seq_ratio
-    loss = aggregate(_weighted(per_seq, sequence_weights(is_weights, mask)), mask, loss_agg, **agg)
+    loss = aggregate(weighted(per_seq, sequence_weights(is_weights, mask)), mask, loss_agg, **agg)
     low = (sign < 0) & (log_ratio < -clip_low)
     high = (sign > 0) & (log_ratio > clip_high)
-    metrics = _common_metrics(torch.exp(log_ratio), logp, old_logp, mask, low, high)
+    metrics = common_metrics(torch.exp(log_ratio), logp, old_logp, mask, low, high)
     metrics["ratio/seq_mean"] = seq_ratio.detach().mean()
     return loss, metrics
 
@@ -295,9 +192,9 @@ def grpo_loss(
         clip_low, clip_high: per-token clip range (the paper's tuned baseline: 0.2 / 0.27).
     """
     token_ratio = torch.exp(logp - old_logp)  # [B, T]
-    per_token, low, high = clipped_surrogate(token_ratio, _token_advantages(advantages, mask), clip_low, clip_high)
-    loss = aggregate(_weighted(per_token, is_weights), mask, loss_agg, **agg)
-    return loss, _common_metrics(token_ratio, logp, old_logp, mask, low, high)
+    per_token, low, high = clipped_surrogate(token_ratio, token_advantages(advantages, mask), clip_low, clip_high)
+    loss = aggregate(weighted(per_token, is_weights), mask, loss_agg, **agg)
+    return loss, common_metrics(token_ratio, logp, old_logp, mask, low, high)
 
 
 def dr_grpo_loss(logp, old_logp, advantages, mask, clip_low: float = 0.2, clip_high: float = 0.27, *,
@@ -341,10 +238,10 @@ def cispo_loss(
     """
     token_ratio = torch.exp(logp - old_logp)  # [B, T]
     weight = token_ratio.detach().clamp(1.0 - clip_low, 1.0 + clip_high)
-    per_token = -weight * _token_advantages(advantages, mask) * logp
-    loss = aggregate(_weighted(per_token, is_weights), mask, loss_agg, **agg)
+    per_token = -weight * token_advantages(advantages, mask) * logp
+    loss = aggregate(weighted(per_token, is_weights), mask, loss_agg, **agg)
     low, high = token_ratio < 1.0 - clip_low, token_ratio > 1.0 + clip_high
-    return loss, _common_metrics(token_ratio, logp, old_logp, mask, low, high)
+    return loss, common_metrics(token_ratio, logp, old_logp, mask, low, high)
 
 
 @padding_neutral
@@ -372,19 +269,19 @@ def sapo_loss(
     `gate/weight_mean` is the mean of that weight.
     """
     token_ratio = torch.exp(logp - old_logp)  # [B, T]
-    token_adv = _token_advantages(advantages, mask)
+    token_adv = token_advantages(advantages, mask)
     tau = torch.where(token_adv > 0, torch.full_like(token_adv, tau_pos), torch.full_like(token_adv, tau_neg))
     gate = torch.sigmoid(tau * (token_ratio - 1.0))
     per_token = -token_adv * gate * 4.0 / tau
-    loss = aggregate(_weighted(per_token, is_weights), mask, loss_agg, **agg)
+    loss = aggregate(weighted(per_token, is_weights), mask, loss_agg, **agg)
     weight = (4.0 * gate * (1.0 - gate)).detach()
     damped = weight < 0.5
-    metrics = _common_metrics(token_ratio, logp, old_logp, mask, damped & (token_ratio < 1), damped & (token_ratio > 1))
+    metrics = common_metrics(token_ratio, logp, old_logp, mask, damped & (token_ratio < 1), damped & (token_ratio > 1))
     metrics["gate/weight_mean"] = masked_mean(weight, mask)
     return loss, metrics
 
 
-LOSSES: dict[str, LossFn] = {
+LOSSES: dict[str, LossFn] = {name: with_off_policy_mask(loss_fn) for name, loss_fn in {
     "gspo": gspo_loss,
     "gspo-token": gspo_token_loss,
     "gmpo": gmpo_loss,
@@ -393,4 +290,12 @@ LOSSES: dict[str, LossFn] = {
     "dapo": dapo_loss,
     "cispo": cispo_loss,
     "sapo": sapo_loss,
-}
+    # GSPO's follow-ups (followup_losses.py)
+    "luspo": luspo_loss,
+    "vespo": vespo_loss,
+    "icepop": icepop_loss,
+    "dppo": dppo_loss,
+    "clip-cov": clip_cov_loss,
+    "kl-cov": kl_cov_loss,
+}.items()}
+"""Every loss by name; each also takes `off_policy_mask_threshold` (`off_policy_mask.py`)."""

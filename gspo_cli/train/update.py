@@ -47,7 +47,9 @@ def minibatch_loss(logp: torch.Tensor, old_logp: torch.Tensor, batch: Batch, ind
                                                 cap_low=algo.rollout_correction_cap_low)
     loss, metrics = LOSSES[algo.loss](
         logp, old_logp, batch.advantages[indices], mask,
-        clip_low=algo.clip_low, clip_high=algo.clip_high, is_weights=is_weights, **agg, **algo.params)
+        clip_low=algo.clip_low, clip_high=algo.clip_high, is_weights=is_weights,
+        sampler_logp=batch.rollout.logp[indices],  # the sampler's numbers: icepop, off-policy masking
+        **agg, **algo.params)
     metrics.update(correction)
     if batch.ref_logp is not None:
         # Padding and masked-out rows hold whatever the passes left there (-inf from an engine,
