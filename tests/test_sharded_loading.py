@@ -1,6 +1,8 @@
 """FSDP2 loading where only rank 0 reads the checkpoint (`hardware.load_from_rank0`): every rank
 ends with the checkpoint's weights and buffers, and rank 1 never holds the whole model."""
 
+import json
+
 import pytest
 import torch
 import torch.multiprocessing as mp
