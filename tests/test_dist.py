@@ -199,6 +199,7 @@ def test_fsdp_generation_gathers_the_parameters_once_not_per_token(tmp_path, tin
     once = results[True, 2][0], results[True, 8][0]
     assert per_token[1] > per_token[0]  # the problem: gathers grow with the decoded tokens
     assert once[0] == once[1] <= per_token[0], (once, per_token)
+    # Exact: the same kernels on the same gathered weights, whenever they were gathered.
     assert torch.equal(results[True, 8][1], results[False, 8][1])  # the same responses
     assert results["train_forward_backward"] > 0  # resharded afterwards: training gathers again
 
@@ -228,6 +229,7 @@ def test_sharded_evaluation_gives_the_one_process_figures(tmp_path, real_checkpo
     metrics, samples = evaluate(model, ctx)
     assert len(samples) == 9 and len(result["samples"]) == 5  # rank 0 keeps its own share's samples
     assert result["samples"] == samples[:5]
+    # Counts (greedy tokens, rewards) over the 9 problems, not sums of floats: equal but for the division.
     assert result["metrics"] == pytest.approx(metrics, rel=1e-12)
     assert 0 < metrics["eval/accuracy"] < 1 and metrics["eval/response_length"] < 12  # answers, and stops
 

@@ -193,5 +193,6 @@ def test_sigkill_then_resume_with_adapters_logs_exactly_the_uninterrupted_metric
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
+    # Exact by construction, as in test_resume.py: the same kernels on the state restored bit for bit.
     assert training_metrics(killed) == training_metrics(straight)
     assert metrics(straight)[1]["kl/ref"] > 0  # the adapters moved the policy away from the reference

@@ -210,6 +210,8 @@ def test_sampler_routes_are_those_of_a_full_forward_pass(tiny_model):
     real = rollout.attention_mask.bool().clone()
     real[:, -1] = False  # the last token is never fed back while sampling
     assert real.sum() > N * 4
+    # Expert ids, compared exactly: router logits a rounding apart (KV cache against one pass) choose
+    # another expert only at a near-tie, as the sampler's tokens in test_perf.py.
     for sampled, forward in zip(rollout.routes, full):
         assert torch.equal(sampled[real].sort(-1).values, forward[real].sort(-1).values)
         assert torch.equal(sampled[:, -1], sampled[:, -2])  # the unseen last column repeats the one before

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from dist_workers import rank0_loading_worker
+from run_records import assert_records_close, read_records
 from test_cli import run_gspo
 from test_dist import free_port
 from test_train import small_overrides
@@ -81,11 +82,15 @@ def test_a_two_process_fsdp_run_with_a_kl_reference_does_not_depend_on_who_reads
                           "hardware.strategy=fsdp", f"hardware.load_from_rank0={load_from_rank0}",
                           "algo.kl_coef=0.1", f"model.lora.rank={lora_rank}", f"hydra.run.dir={run_dir}")
         assert result.returncode == 0, result.stderr[-3000:]
-        records[load_from_rank0] = [
-            {k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "memory/", "throughput/"))}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        records[load_from_rank0] = read_records(run_dir)
     assert len(records["true"]) == 3 and records["true"][0]["kl/ref"] > 0
-    assert records["true"] == records["false"]
+    # Equal to float32 rounding, not bit for bit: two code paths, not one. Read by rank 0 alone, the
+    # KL reference is FSDP2-sharded and runs on all-gathered parameters; read by every rank, it is
+    # a whole model on each, so sums round in another order (issue 29: 5e-6 apart at step 0 on
+    # AVX-512, 8e-6 at step 1; 2e-6 on AVX2). 1e-4 allows ten times that; the final norm's weight
+    # loaded 1e-3 off moves kl/ref by 4e-3 and more. The mismatch figures are themselves rounding
+    # noise (~3e-7, 40% apart): abs 1e-6.
+    assert_records_close(records["true"], records["false"], rel=1e-4, abs=1e-6)
 
 
 def test_a_two_process_fsdp_run_of_the_qwen3_layout_checkpoint_stops_at_im_end(tmp_path, real_checkpoint_dir):
