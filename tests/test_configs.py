@@ -61,3 +61,26 @@ def test_misspelled_key_fails():
 def test_wrong_type_fails():
     with pytest.raises((ConfigCompositionException, ValidationError)):
         compose_train(["trainer.max_steps=many"])
+
+
+@pytest.mark.parametrize("algo", ["gspo", "grpo-replay"])
+def test_the_moe_preset_fits_8_gpus_of_80_gb_by_the_documented_arithmetic(algo):
+    """experiment=qwen3-moe-gsm8k's memory settings, evaluated with docs/scaling-out.md's formula
+    (bench/fsdp_memory.py): every phase stays under 80 GB per GPU (an 80 GB H100 shows 85.5 GB to
+    CUDA; the rest is for its context, NCCL and fragmentation). Without gradient checkpointing,
+    the token budget or with the model gathered for sampling it would not."""
+    from bench.fsdp_memory import GSM8K_PROMPT_TOKENS, QWEN3_30B_A3B, formula, peaks, run_of
+
+    def worst(*overrides: str) -> float:
+        cfg = compose_train(["experiment=qwen3-moe-gsm8k", f"algo={algo}", *overrides])
+        return max(peaks(formula(QWEN3_30B_A3B, run_of(cfg, GSM8K_PROMPT_TOKENS))).values())
+
+    cfg = compose_train(["experiment=qwen3-moe-gsm8k", f"algo={algo}"])
+    assert cfg.algo.routing_replay == (algo == "grpo-replay")
+    assert cfg.model.gradient_checkpointing and cfg.trainer.micro_batch_tokens > 0
+    # the rollout's KV cache bounds the evaluation's
+    assert 0 < cfg.trainer.eval_batch_size <= cfg.trainer.rollout_batch_size
+    assert worst() < 80e9
+    for missing in ("model.gradient_checkpointing=false", "trainer.micro_batch_tokens=0",
+                    "hardware.gather_for_rollout=true"):
+        assert worst(missing) > 85.5e9, missing
