@@ -96,7 +96,7 @@ def window(attention_mask: torch.Tensor, num_response_tokens: int) -> tuple[int,
     """Columns [start, stop) of `attention_mask` ([n, P + T]) that hold every real token; at
     least one response column, so a pass always predicts something."""
     columns = attention_mask.bool().any(0).nonzero().flatten()
-    width, first_response = attention_mask.shape[1], attention_mask.shape[1] - num_response_tokens
+    first_response = attention_mask.shape[1] - num_response_tokens
     if columns.numel() == 0:
         return first_response - 1, first_response + 1
     return int(columns[0]), max(int(columns[-1]) + 1, first_response + 1)
