@@ -273,6 +273,11 @@ class TrainerConfig:
     are computed (recomputed in the backward pass; 512 tokens of Qwen3's vocabulary: 311 MB); 0: all."""
     rollout_batch_size: int = 0
     """Sequences generated at a time (the KV cache is sized for this many); 0: the whole batch."""
+    rollout_engine: str = "builtin"
+    """What samples rollouts and the in-loop evaluation: `builtin` (this project's sampler) or
+    `continuous` (transformers' continuous batching; `gspo_cli/rollout/engines.py`, docs/performance.md)."""
+    rollout_engine_options: dict[str, Any] = field(default_factory=dict)
+    """Extra `transformers.ContinuousBatchingConfig` fields for `continuous` (e.g. max_batch_tokens)."""
     eval_batch_size: int = 256
     """Sequences decoded at a time by the in-loop greedy evaluation."""
     max_new_tokens: int = 8

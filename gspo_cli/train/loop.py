@@ -30,6 +30,7 @@ from gspo_cli.models.loading import load_tokenizer
 from gspo_cli.models.lora import AdaptersOff, is_adapted, trainable_parameters
 from gspo_cli.models.routing import MoERouting, is_moe
 from gspo_cli.report.logs import RunLogger
+from gspo_cli.rollout.engines import engine_conflicts
 from gspo_cli.train.checkpoint import (
     gather_rng_states,
     is_sharded,
@@ -113,6 +114,11 @@ def check_config(cfg: TrainConfig, env: DistEnv) -> None:
         raise ValueError(f"hardware.precision={cfg.hardware.precision!r} is not one of ['bf16', 'fp32']")
     if cfg.hardware.strategy not in ("ddp", "fsdp"):
         raise ValueError(f"hardware.strategy={cfg.hardware.strategy!r} is not one of ['ddp', 'fsdp']")
+    replays_sampler_routes = algo.routing_replay and old_logp_source(cfg) == "rollout"
+    problem = engine_conflicts(tc.rollout_engine, replays_sampler_routes,
+                               fsdp=env.distributed and cfg.hardware.strategy == "fsdp")
+    if problem:
+        raise ValueError(problem)
 
 
 def config_pitfalls(cfg: TrainConfig) -> list[str]:

@@ -22,7 +22,8 @@ from gspo_cli.data.tasks import PromptStream, Task
 from gspo_cli.models.routing import MoERouting, Routes, routes_megabytes
 from gspo_cli.rollout.batching import concat_rollouts
 from gspo_cli.rollout.evaluation import greedy_eval
-from gspo_cli.rollout.generate import Rollout, generate_rollout
+from gspo_cli.rollout.engines import sample_rollout
+from gspo_cli.rollout.generate import Rollout
 from gspo_cli.rollout.refill import fill_with_informative_groups
 from gspo_cli.train.distributed import (DistEnv, all_gather_rows, all_reduce_any, all_reduce_max, all_reduce_sum,
                                         gathered_for_generation, shard, unwrap)
@@ -87,7 +88,9 @@ def old_logp_source(cfg: TrainConfig) -> str:
         return algo.old_logp
     same_numbers = cfg.hardware.precision == "fp32" and cfg.model.dtype == "float32"
     full_distribution = cfg.trainer.top_p >= 1.0 and cfg.trainer.top_k == 0  # top-p/k: the sampler's is truncated
-    return "rollout" if same_numbers and full_distribution and rollout_correction(cfg)[0] == "none" else "recompute"
+    own_sampler = cfg.trainer.rollout_engine == "builtin"  # another engine's numbers come from other kernels
+    uncorrected = rollout_correction(cfg)[0] == "none"
+    return "rollout" if same_numbers and full_distribution and own_sampler and uncorrected else "recompute"
 
 
 def rollout_correction(cfg: TrainConfig) -> tuple[str, float]:
@@ -106,14 +109,15 @@ def sample_and_score(policy, ctx: StepContext, stream: PromptStream,
     answers = [p.answer for p in problems for _ in range(tc.group_size)]
 
     start = time.perf_counter()
-    # the sampler's routes are π_old's, when they are kept
-    routing = ctx.routing if old_logp_source(ctx.cfg) == "rollout" and keeps_old_routes(ctx) else None
+    # the sampler's routes are π_old's, when they are kept (the built-in engine records them)
+    records = old_logp_source(ctx.cfg) == "rollout" and keeps_old_routes(ctx) and tc.rollout_engine == "builtin"
     size = tc.rollout_batch_size or len(prompts)  # rows whose KV cache exists at once
     with gathered_for_generation(policy, ctx.cfg.hardware.gather_for_rollout):  # FSDP2: gathered once, not per token
         rollout = concat_rollouts([
-            generate_rollout(policy, ctx.tokenizer, prompts[i:i + size], tc.max_new_tokens, tc.temperature,
-                             ctx.sampling_generator or ctx.generator, ctx.still_running, routing,
-                             top_p=tc.top_p, top_k=tc.top_k, stop_strings=tc.stop_strings)
+            sample_rollout(tc.rollout_engine, policy, ctx.tokenizer, prompts[i:i + size], tc.max_new_tokens,
+                           tc.temperature, ctx.sampling_generator or ctx.generator, ctx.still_running,
+                           ctx.routing if records else None, top_p=tc.top_p, top_k=tc.top_k,
+                           stop_strings=tc.stop_strings, engine_options=tc.rollout_engine_options)
             for i in range(0, len(prompts), size)], ctx.tokenizer.pad_token_id)
     timings["time/generate_s"] = timings.get("time/generate_s", 0.0) + time.perf_counter() - start
 
@@ -138,7 +142,8 @@ def evaluate(policy, ctx: StepContext) -> tuple[dict[str, float], list[dict[str,
     real = len(mine)
     _, samples = greedy_eval(unwrap(policy), ctx.tokenizer, ctx.task, mine + problems[-1:] * (per_rank - real),
                              tc.max_new_tokens, tc.eval_batch_size, stop_strings=tc.stop_strings,
-                             still_running=ctx.still_running)
+                             still_running=ctx.still_running, engine=tc.rollout_engine,
+                             engine_options=tc.rollout_engine_options)
     samples = samples[:real]
     sums = all_reduce_sum(torch.tensor([float(len(samples)), sum(s["reward"] >= 1.0 for s in samples),
                                         sum(s["reward"] for s in samples), sum(s["response_length"] for s in samples)],
