@@ -424,6 +424,8 @@ class EvalSamplingConfig:
     """End a response once its text contains one of these, as `trainer.stop_strings` does in training; a run's
     checkpoint uses the run's `trainer.stop_strings` unless this is set on the command line."""
     batch_size: int = 512
+    rollout_engine: str = "builtin"
+    """What decodes: `builtin` or `continuous` (transformers' continuous batching), as `trainer.rollout_engine`."""
     """Sequences generated per forward batch."""
     dtype: str = "float32"
     """Parameter dtype when loading: float32, bfloat16 or float16."""

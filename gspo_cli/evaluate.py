@@ -22,8 +22,8 @@ from gspo_cli.config import EvalConfig
 from gspo_cli.data.rewards import final_answer
 from gspo_cli.data.tasks import Problem, Task
 from gspo_cli.eval_task import EvalSettings, describe, given_keys, read_run_settings, settings_for
+from gspo_cli.rollout.engines import sample_rollout
 from gspo_cli.rollout.evaluation import greedy_eval
-from gspo_cli.rollout.generate import generate_rollout
 
 # ---------------------------------------------------------------------------- k-sample metrics
 
@@ -102,9 +102,10 @@ def sampled_eval(
     generator: torch.Generator,
     batch_size: int = 512,
     stop_strings: Sequence[str] = (),
+    engine: str = "builtin",
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Sample n responses per problem (ending at the model's stop tokens and `stop_strings`) and
-    compute the k-sample metrics.
+    """Sample n responses per problem (ending at the model's stop tokens and `stop_strings`, drawn
+    by the rollout `engine`) and compute the k-sample metrics.
 
     Returns:
         (metrics, samples): `k_sample_metrics` plus `eval/sample_response_length` (mean
@@ -116,8 +117,8 @@ def sampled_eval(
     for start in range(0, len(problems), per_batch):
         chunk = problems[start:start + per_batch]
         prompts = [p.prompt for p in chunk for _ in range(n)]  # the n samples of a problem contiguous
-        rollout = generate_rollout(model, tokenizer, prompts, max_new_tokens, temperature, generator,
-                                   stop_strings=stop_strings)
+        rollout = sample_rollout(engine, model, tokenizer, prompts, max_new_tokens, temperature, generator,
+                                 stop_strings=stop_strings)
         lengths.extend(rollout.response_mask.sum(1).tolist())
         for i, problem in enumerate(chunk):
             completions = rollout.completions[i * n:(i + 1) * n]
@@ -176,10 +177,11 @@ def evaluate_checkpoint(path: str, cfg: EvalConfig, task: Task,
     tokenizer = load_tokenizer(model_dir, ec.trust_remote_code)
     task = task.for_tokenizer(tokenizer)  # the chat template, when task.chat_template is set
     length, stops = settings.max_new_tokens, settings.stop_strings
-    metrics, greedy_samples = greedy_eval(model, tokenizer, task, task.eval, length, ec.batch_size, stops)
+    metrics, greedy_samples = greedy_eval(model, tokenizer, task, task.eval, length, ec.batch_size, stops,
+                                          engine=ec.rollout_engine)
     generator = torch.Generator(device=cfg.hardware.device).manual_seed(cfg.seed)
     sampled, samples = sampled_eval(model, tokenizer, task, task.eval, n, ec.k, length, ec.temperature,
-                                    generator, ec.batch_size, stops)
+                                    generator, ec.batch_size, stops, ec.rollout_engine)
     return {**metrics, **sampled}, greedy_samples[:ec.samples_logged]
 
 

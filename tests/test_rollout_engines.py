@@ -140,3 +140,22 @@ def test_a_run_with_the_continuous_engine_trains_and_logs_the_gap_to_the_trainer
         assert record["mismatch/logp_abs_diff"] < LOGP_ATOL  # π_old recomputed (auto), compared with the engine's
         assert record["response_length/mean"] > 0
     assert 0.0 <= records[-1]["eval/accuracy"] <= 1.0
+
+
+def test_gspo_eval_with_the_continuous_engine_scores_what_the_builtin_engine_scores(tmp_path, real_checkpoint_dir,
+                                                                                     monkeypatch):
+    import gspo_cli.rollout.continuous as continuous
+    from test_evaluate import eval_job
+
+    calls = []
+    engine_call = continuous.continuous_rollout
+    monkeypatch.setattr(continuous, "continuous_rollout", lambda *a, **k: calls.append(1) or engine_call(*a, **k))
+
+    common = [f"checkpoint={real_checkpoint_dir}", "task.max_operand=9", "task.num_eval=20", "task.chat_template=true",
+              "eval.k=2", "eval.n=2", "eval.temperature=0", "eval.max_new_tokens=12", "logger=none"]
+    builtin = eval_job(common, tmp_path / "builtin")[0]["metrics"]
+    assert not calls
+    engine = eval_job(common + ["eval.rollout_engine=continuous"], tmp_path / "continuous")[0]["metrics"]
+    assert len(calls) == 2  # the greedy pass and the sampled one
+    assert 0 < builtin["eval/accuracy"] < 1
+    assert engine == pytest.approx(builtin)  # greedy: the same responses, so the same figures

@@ -109,7 +109,8 @@ def continuous_rollout(
     device = next(model.parameters()).device
     stops = StopStrings(tokenizer, stop_strings)
     ends = stop_token_ids(model, tokenizer) + stops.token_ids
-    distinct, copies = prompt_runs(prompts)
+    # greedy rows of one prompt are one response copied; the engine refuses copies without sampling
+    distinct, copies = prompt_runs(prompts) if temperature > 0 else (list(prompts), 1)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in distinct]
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) if generator is not None else 0
     sizes = cpu_sizes(len(prompts), max(map(len, encoded)) + max_new_tokens) if device.type == "cpu" else {}
