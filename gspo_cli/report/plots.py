@@ -261,6 +261,7 @@ def plot_comparison(stats: list[Any], baseline: str, out: str | Path) -> Path:
         ax.annotate(f"{p.diff:+.3f}{pval}, seeds={len(g.comparison.seeds)}", (p.diff, i), textcoords="offset points",
                     xytext=(0, 6), fontsize=7, ha="center")
     ax.axvline(0.0, color="grey", linewidth=1)
+    ax.set_ylim(-0.6, max(len(rows), 1) - 0.2)  # room for the top row's label
     ax.set_yticks(range(len(rows)), [f"{g.label}\nvs {g.comparison.baseline}" for g in rows], fontsize=7)
     ax.set_xlabel("final accuracy − baseline's (95% interval, paired per seed and problem)")
     ax.set_title(f"against the baseline {baseline}", fontsize=9)
