@@ -171,6 +171,12 @@ def test_eval_of_a_run_scores_the_run_s_own_task_as_its_last_in_loop_evaluation(
     metrics = json.loads((eval_dir / "eval.json").read_text())["results"][0]["metrics"]
     assert metrics["eval/accuracy"] == last["eval/accuracy"]
     assert metrics["eval/response_length"] == pytest.approx(last["eval/response_length"])
+    # the same problems answered the same way, problem by problem (what gspo report pairs on)
+    from gspo_cli.report.eval_records import read_eval_correct
+
+    run_final = read_eval_correct(run_dir)[2]
+    (evaluated,) = read_eval_correct(next(eval_dir.glob("0-*"))).values()
+    assert (evaluated.problems, evaluated.correct) == (run_final.problems, run_final.correct)
     # and it says so, above the table: the run's task and where it came from
     said = result.stdout[:result.stdout.index("held-out evaluation")]
     assert "task=jsonl" in said and "chat_template=true" in said and "eval.max_new_tokens=24" in said, said

@@ -29,6 +29,7 @@ from gspo_cli.data.tasks import PromptStream, Task, build_task
 from gspo_cli.models.loading import load_tokenizer
 from gspo_cli.models.lora import AdaptersOff, is_adapted, trainable_parameters
 from gspo_cli.models.routing import MoERouting, is_moe
+from gspo_cli.report.eval_records import problems_digest
 from gspo_cli.report.logs import RunLogger
 from gspo_cli.rollout.engines import engine_conflicts
 from gspo_cli.train.checkpoint import (
@@ -53,6 +54,7 @@ from gspo_cli.train.steps import (
     StepContext,
     collect_rollout,
     evaluate,
+    gather_correct,
     old_logp_source,
     reduce_over_ranks,
     rollout_correction,
@@ -323,6 +325,8 @@ def loop_steps(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, state:
             with gathered_for_generation(policy, cfg.hardware.gather_for_rollout):
                 eval_metrics, samples = evaluate(policy, ctx)  # greedy, the held-out problems shared across ranks
             logger.log_samples(step, samples[:tc.eval_samples_logged])
+            # which problems were answered right, every rank's share: what `gspo report` pairs runs on
+            logger.log_eval_correct(step, problems_digest(ctx.task.eval), gather_correct(samples, ctx))
         if step == tc.max_steps:  # the last record holds only the final evaluation
             record = {**record, **eval_metrics}
             logger.log(eval_metrics, step)

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 import torch
 
 from gspo_cli.algo.advantages import compute_advantages
-from gspo_cli.algo.batch_shaping import overlong_penalty
+from gspo_cli.algo.batch_shaping import informative_groups, overlong_penalty
 from gspo_cli.algo.losses import masked_mean
 from gspo_cli.config import TrainConfig
 from gspo_cli.data.tasks import PromptStream, Task
@@ -152,6 +152,19 @@ def evaluate(policy, ctx: StepContext) -> tuple[dict[str, float], list[dict[str,
     return {"eval/accuracy": sums[1] / n, "eval/reward": sums[2] / n, "eval/response_length": sums[3] / n}, samples
 
 
+def gather_correct(samples: Sequence[dict[str, Any]], ctx: StepContext) -> list[int]:
+    """Whether each held-out problem was answered correctly (1, else 0), in the task's order,
+    from every rank's `evaluate` samples (a collective: every rank calls it; each holds the list).
+
+    Each rank holds its contiguous share of ⌈P / ranks⌉ problems (the last may hold fewer): the
+    shares are padded with -1 to equal lengths, gathered in rank order, and the padding dropped.
+    """
+    per_rank = -(-len(ctx.task.eval) // ctx.env.world_size)
+    mine = [int(s["reward"] >= 1.0) for s in samples] + [-1] * (per_rank - len(samples))
+    gathered = all_gather_rows(torch.tensor(mine, dtype=torch.long), ctx.env)  # [ranks · per_rank]
+    return [c for c in gathered.tolist() if c >= 0]
+
+
 def keeps_old_routes(ctx: StepContext) -> bool:
     """Whether π_old's experts are kept: for Routing Replay and for `routing/changed_fraction`
     (`algo.routing_metrics`, by default on for MoE models)."""
@@ -245,8 +258,11 @@ def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Bat
     # From every rank's rewards, so a batch-wide statistic (algo.adv_scale=batch-std) is the
     # whole batch's, as in one process; this rank keeps its own rows.
     n, rank = shaped.shape[0], ctx.env.rank
-    advantages = compute_advantages(all_gather_rows(shaped, ctx.env), tc.group_size, algo.adv_baseline,
+    every_rank = all_gather_rows(shaped, ctx.env)
+    advantages = compute_advantages(every_rank, tc.group_size, algo.adv_baseline,
                                     algo.adv_scale)[rank * n:(rank + 1) * n]
+    # Groups whose G rewards were all equal: zero advantage, no gradient (of all ranks' groups).
+    timings["reward/uniform_groups"] = 1.0 - informative_groups(every_rank, tc.group_size).float().mean().item()
 
     start = time.perf_counter()
     order = torch.randperm(mask.shape[0], generator=ctx.generator)  # the first epoch's mini-batches

@@ -212,6 +212,11 @@ def update_policy(policy, optimizer, scheduler, batch: Batch, ctx: StepContext) 
     applied = tc.num_minibatches * tc.ppo_epochs - skipped - empty
     means = {name: total / applied for name, total in sums.items()} if applied else {
         "loss": float("nan"), "grad_norm": float("nan")}
+    # The clip share among tokens that have a gradient to clip (A ≠ 0): comparable between runs
+    # whose shares of all-equal groups differ. Left out of a step without such tokens.
+    clipped_signal, signal = means.pop("clip/nonzero_adv_share", None), means.get("adv/nonzero_fraction", 0.0)
+    if clipped_signal is not None and signal > 0:
+        means["clip/fraction_nonzero_adv"] = clipped_signal / signal
     return {**means, **volatility_metrics(volatility), "faults/skipped_steps": float(skipped),
             **({"update/empty_minibatches": float(empty)} if ctx.cfg.algo.mask_truncated else {}),
             **{k: v.item() for k, v in mismatch.items()}}
