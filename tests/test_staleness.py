@@ -129,6 +129,20 @@ def test_the_same_seed_gives_the_same_run_with_staleness_2(tmp_path, cache_dir):
     assert_records_close(read_records(tmp_path / "b"), first, rel=0.0)
 
 
+@pytest.mark.parametrize("extra,warns", [
+    (["algo.old_logp=recompute"], True),  # the proximal policy, nothing for the behaviour one
+    (["algo.old_logp=recompute", "algo.rollout_correction=tis-token"], False),  # decoupled PPO
+    (["algo.old_logp=rollout"], False),  # the behaviour policy
+    (["hardware.precision=bf16"], True),  # auto recomputes under bf16
+])
+def test_a_stale_run_dividing_by_the_proximal_policy_with_no_correction_is_warned(cache_dir, extra, warns):
+    stale = loop.config_pitfalls(compose_train(overrides(cache_dir, 2, 3, *extra)))
+    assert any("trainer.staleness=2 with π_old recomputed and no algo.rollout_correction" in p
+               for p in stale) == warns
+    assert not any("trainer.staleness" in p for p in loop.config_pitfalls(compose_train(overrides(cache_dir, 0, 3,
+                                                                                                  *extra))))
+
+
 @pytest.fixture(scope="module")
 def stale_run(tmp_path_factory, cache_dir):
     """A run of 4 steps with k = 2, checkpointed at step 2 (the queue then holds the batches θ_0
