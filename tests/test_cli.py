@@ -63,7 +63,7 @@ def test_unknown_command_is_an_error():
     ("model.path=/no/such/model", "model.path=/no/such/model: no such directory"),
     ("trainer.num_minibatches=5", "does not split into trainer.num_minibatches=5"),
     ("+task.reward._target_=no_such_module.reward", "no_such_module"),
-    ("trainer.staleness=-1", "trainer.staleness=-1: the steps a rollout waits before it is trained on"),
+    ("trainer.staleness=-1", "trainer.staleness=-1: the steps a rollout waits to be trained on, 0 or more"),
 ])
 def test_bad_input_is_one_line_without_traceback(override, expected, tmp_path, cache_dir):
     result = run_gspo("train", *small_overrides(cache_dir), "logger=none", f"hydra.run.dir={tmp_path}", override)

@@ -106,8 +106,7 @@ def check_config(cfg: TrainConfig, env: DistEnv) -> None:
                          f"algo.rollout_correction_cap={cap} leaves that band empty (cap_low "
                          f"{algo.rollout_correction_cap_low or 1.0 / cap:g}); raise the cap above it")
     if tc.staleness < 0:
-        raise ValueError(f"trainer.staleness={tc.staleness}: the steps a rollout waits before it is trained on, "
-                         "0 (on-policy) or more")
+        raise ValueError(f"trainer.staleness={tc.staleness}: the steps a rollout waits to be trained on, 0 or more")
     if tc.ppo_epochs < 1:
         raise ValueError(f"trainer.ppo_epochs={tc.ppo_epochs}: at least one pass over the rollout batch")
     if tc.prompts_per_step % env.world_size:
@@ -161,7 +160,7 @@ class TrainState:
     def to_dict(self, wandb_id: Optional[str], rng: list[dict[str, Any]],
                 rollouts: Optional[list[list[dict[str, Any]]]] = None) -> dict[str, Any]:
         """What a checkpoint's trainer_state.pt holds; `rng`: every rank's `rng_state` (`gather_rng_states`);
-        `rollouts`: every rank's queued rollouts (`RolloutQueue.state`), only with `trainer.staleness` > 0."""
+        `rollouts`: every rank's `RolloutQueue.state`, with `trainer.staleness` > 0 only."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "stream": self.stream.state(), "rng": rng, "wandb_id": wandb_id,
                 **({"rollouts": rollouts} if rollouts is not None else {})}
@@ -217,8 +216,7 @@ def setup(cfg: TrainConfig, run_dir: Path, env: DistEnv, log) -> tuple[Any, Any,
             log(f"warning: {resume_from} holds the random states of {len(saved['rng'])} rank(s), not "
                 f"{env.world_size}: each rank samples from a fresh seed, not as the saved run would have")
         state.step = saved["step"]
-        if tc.staleness:
-            state.queue.load_state(saved["rollouts"][env.rank], env.device)
+        state.queue.load_state(saved["rollouts"][env.rank] if tc.staleness else [], env.device)
         log(f"resumed from {resume_from} at step {state.step}")
     return policy, tokenizer, task, state
 
@@ -288,8 +286,7 @@ def train_in_group(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict[str, A
         warnings.warn(pitfall, stacklevel=3)
     resumed = resume_point(cfg, run_dir)
     saved = load_trainer_state(resumed) if resumed else {}  # to continue the same W&B run and log
-    if resumed:  # before any model is loaded: the queue of trainer.staleness must fit this run
-        check_saved_queue(saved, cfg.trainer.staleness, env.world_size, resumed)
+    check_saved_queue(saved, cfg.trainer.staleness, env.world_size, resumed)  # before any model is loaded
     run_name = cfg.run_name or f"{cfg.algo.name}-{cfg.model.name}-s{cfg.seed}"
     plain_cfg = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     with RunLogger(run_dir, cfg.logger, plain_cfg, run_name, total_steps=cfg.trainer.max_steps,
@@ -349,8 +346,7 @@ def loop_steps(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, state:
             break
 
         start = time.perf_counter()
-        # rollout (sampled by the policy of step − trainer.staleness), reward, advantages, π_old
-        batch, timings = state.queue.next_batch(policy, ctx, state.stream, step)
+        batch, timings = state.queue.next_batch(policy, ctx, state.stream, step)  # rollout (k steps old), π_old
         update_start = time.perf_counter()
         update_metrics = update_policy(policy, state.optimizer, state.scheduler, batch, ctx)  # mini-batch steps
         timings["time/update_s"] = time.perf_counter() - update_start

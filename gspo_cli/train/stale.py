@@ -94,7 +94,9 @@ class RolloutQueue:
 
 def check_saved_queue(saved: dict[str, Any], staleness: int, world_size: int, checkpoint) -> None:
     """Refuse a resume that cannot continue the saved queue: another staleness, or (with k > 0)
-    another number of ranks, whose rows would not be the ones each rank queued."""
+    another number of ranks, whose rows would not be the ones each rank queued. No checkpoint: nothing to check."""
+    if not saved:
+        return
     queues = saved.get("rollouts") or [[]] * world_size
     held = len(queues[0])
     if held != staleness:
