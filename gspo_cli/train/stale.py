@@ -33,9 +33,9 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
+from gspo_cli.config import TrainConfig
 from gspo_cli.data.tasks import PromptStream
 from gspo_cli.rollout.generate import Rollout
-from gspo_cli.config import TrainConfig
 from gspo_cli.train.steps import (Batch, Scored, StepContext, old_logp_source, prepare_batch, rollout_correction,
                                   sample_scored)
 
