@@ -259,6 +259,13 @@ class TrainerConfig:
     ppo_epochs: int = 1
     """Passes over the rollout batch, reshuffled after the first (TRL: `num_iterations`, verl:
     `ppo_epochs`); every pass divides by the same π_old. The paper's protocol uses 1."""
+    staleness: int = 0
+    """k: step t trains on the rollout the policy of step t − k sampled, as a trainer k steps behind
+    its sampler would (AReaL's max_head_offpolicyness, prime-rl's max_async_level); steps t ≤ k on
+    batches of the initial policy. A research knob for off-policy lag, not a speed-up: a FIFO of k
+    scored batches, carried by checkpoints. `algo.old_logp` picks the ratio's denominator: rollout,
+    the behaviour policy that sampled; recompute, the proximal one at the update, corrected by
+    `algo.rollout_correction` (decoupled PPO). 0: on-policy (docs/algorithms.md)."""
     micro_batch_size: int = 0
     """Sequences per forward/backward pass inside a mini-batch, gradients accumulated; the loss
     and gradient equal one pass over the mini-batch. Also the batch of the π_old and reference

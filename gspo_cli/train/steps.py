@@ -229,9 +229,19 @@ def reference_logprobs(ref_model, rollout: Rollout, ctx: StepContext) -> torch.T
     return rows_logprobs(ref_model, rollout, rows, ctx).logp
 
 
-def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Batch, dict[str, float]]:
-    """Sample and score a batch (refilled by dynamic sampling if set), then compute the
-    advantages, π_old (with the experts it chose), the sampler/trainer gap and log π_ref."""
+class Scored(NamedTuple):
+    """A sampled, scored rollout batch with its advantages: what does not depend on the policy
+    that trains on it (N = this rank's prompts × G). `trainer.staleness` queues these (`stale.py`)."""
+
+    rollout: Rollout  # the sampler's (behaviour policy's) tokens, log-probabilities and experts
+    rewards: torch.Tensor  # [N]
+    advantages: torch.Tensor  # [N]
+    metrics: dict[str, float]  # figures of these rows: reward components, uniform groups, dynamic sampling, ...
+
+
+def sample_scored(policy, ctx: StepContext, stream: PromptStream) -> tuple[Scored, dict[str, float]]:
+    """Sample and score a batch (refilled by dynamic sampling if set) and compute its advantages;
+    also returns the time it took (`time/*`)."""
     tc, algo = ctx.cfg.trainer, ctx.cfg.algo
     timings: dict[str, float] = {}
     sampler = unwrap(policy)  # DDP's forward hooks are for training passes only
@@ -247,6 +257,7 @@ def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Bat
             warnings.warn(filled.warning, stacklevel=2)
     else:
         rollout, rewards = draw()
+    sampler.train()
     mask = rollout.response_mask
 
     shaped = rewards
@@ -263,7 +274,21 @@ def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Bat
                                     algo.adv_scale)[rank * n:(rank + 1) * n]
     # Groups whose G rewards were all equal: zero advantage, no gradient (of all ranks' groups).
     timings["reward/uniform_groups"] = 1.0 - informative_groups(every_rank, tc.group_size).float().mean().item()
+    rows_metrics = {name: value for name, value in timings.items() if not name.startswith("time/")}
+    return Scored(rollout, rewards, advantages, rows_metrics), {
+        name: value for name, value in timings.items() if name.startswith("time/")}
 
+
+def prepare_batch(policy, ctx: StepContext, scored: Scored) -> tuple[Batch, dict[str, float]]:
+    """Bind a scored batch to the policy about to train on it: the first epoch's mini-batch order,
+    π_old (recomputed by this policy, with the experts it chose, or the sampler's numbers) and
+    log π_ref. With `trainer.staleness=0` this policy sampled the batch; with k > 0 the policy of
+    k steps ago did, and a recomputed π_old is the proximal policy, not the behaviour one (`stale.py`)."""
+    tc, algo, rollout = ctx.cfg.trainer, ctx.cfg.algo, scored.rollout
+    timings: dict[str, float] = {}
+    mask = rollout.response_mask
+    sampler = unwrap(policy)  # DDP's forward hooks are for training passes only
+    sampler.eval()
     start = time.perf_counter()
     order = torch.randperm(mask.shape[0], generator=ctx.generator)  # the first epoch's mini-batches
     if old_logp_source(ctx.cfg) == "recompute":  # all but the first mini-batch: see update_policy
@@ -278,11 +303,21 @@ def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Bat
     if ctx.ref_model is not None:
         ref_logp = reference_logprobs(ctx.ref_model, rollout, ctx)
     sampler.train()
-    # π_old's entropy is the sampler's: the same distribution, and no further pass is needed for it.
+    # π_old's entropy is the sampler's: the same distribution, and no further pass is needed for it
+    # (with trainer.staleness > 0, the behaviour policy's).
     loss_mask = None
     if algo.mask_truncated and rollout.truncated is not None:  # DAPO's overlong filtering (§3.4)
         loss_mask = mask * (~rollout.truncated).to(mask.dtype)[:, None]
-    return Batch(rollout, rewards, advantages, rollout.entropy, order, old, ref_logp, loss_mask), timings
+    return Batch(rollout, scored.rewards, scored.advantages, rollout.entropy, order, old, ref_logp,
+                 loss_mask), timings
+
+
+def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Batch, dict[str, float]]:
+    """Sample and score a batch, then bind it to the policy that sampled it (`trainer.staleness=0`):
+    the advantages, π_old (with the experts it chose), the sampler/trainer gap and log π_ref."""
+    scored, timings = sample_scored(policy, ctx, stream)
+    batch, prepared = prepare_batch(policy, ctx, scored)
+    return batch, {**timings, **scored.metrics, **prepared}
 
 
 def rollout_metrics(batch: Batch, env: DistEnv) -> dict[str, float]:
