@@ -94,6 +94,15 @@ def save_figure(fig, out: str | Path) -> Path:
 # ---------------------------------------------------------------------------- sweeps: mean and band over seeds
 
 
+def values_by_step(curves: list[list[tuple[int, float]]]) -> dict[int, list[float]]:
+    """step -> the values the runs logged at it (runs that stopped earlier are absent there)."""
+    by_step: dict[int, list[float]] = {}
+    for curve in curves:
+        for step, value in curve:
+            by_step.setdefault(step, []).append(value)
+    return by_step
+
+
 def mean_band(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float], list[float], list[float]]:
     """Mean, min and max over runs at each step any of them logged.
 
@@ -104,10 +113,7 @@ def mean_band(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[fl
     Returns:
         (steps, mean, low, high), each of length S (the distinct steps, ascending).
     """
-    by_step: dict[int, list[float]] = {}
-    for curve in curves:
-        for step, value in curve:
-            by_step.setdefault(step, []).append(value)
+    by_step = values_by_step(curves)
     steps = sorted(by_step)
     return (steps, [sum(by_step[s]) / len(by_step[s]) for s in steps],
             [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps])
@@ -121,10 +127,7 @@ def mean_interval_band(curves: list[list[tuple[int, float]]]
     Returns:
         (steps, mean, low, high), each of length S (the distinct steps, ascending).
     """
-    by_step: dict[int, list[float]] = {}
-    for curve in curves:
-        for step, value in curve:
-            by_step.setdefault(step, []).append(value)
+    by_step = values_by_step(curves)
     steps = sorted(by_step)
     intervals = [mean_interval(by_step[s]) for s in steps]
     return (steps, [i.estimate for i in intervals], [i.estimate if i.low is None else i.low for i in intervals],
