@@ -26,7 +26,7 @@ Each loss turns its per-token ([B, T]) or per-sequence ([B]) terms into one scal
 the trainer logs (`clip/fraction`, `ratio/mean`, ...). "Clipped" means the clip is active,
 that is the clipped term is the one `min` selects and the gradient of that token vanishes;
 for sequence-level losses every token of a clipped sequence counts as clipped, which makes
-`clip/fraction` (a share of tokens) comparable between GSPO and GRPO as in the paper's Fig. 4.
+`clip/fraction` (a share of tokens) comparable between GSPO and GRPO as in the paper's Fig. 2.
 CISPO and SAPO never zero a gradient; their `clip/*` metrics count the tokens whose weight
 the method cuts: CISPO's truncated importance weights, and SAPO's tokens whose soft gate has
 damped the gradient to less than half (see each loss).

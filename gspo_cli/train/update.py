@@ -139,7 +139,9 @@ def probe_rows(indices: torch.Tensor, ctx: StepContext) -> torch.Tensor:
 def routing_volatility(policy, rollout: Rollout, rows: torch.Tensor, before: list[OldPolicy],
                        ctx: StepContext) -> float:
     """Share of the experts chosen for `rows`' tokens before an optimizer step that the policy
-    after it no longer chooses (GSPO paper §5.3: consecutive policies, same tokens).
+    after it no longer chooses: consecutive policies, same tokens (`routing/volatility`, this
+    project's measure of the GSPO paper's expert volatility, §5.3; docs/metrics.md sets it
+    against the paper's sentence and against `routing/changed_fraction`).
 
     Args:
         rows: the probe's rows of the mini-batch.
