@@ -101,10 +101,10 @@ def check_config(cfg: TrainConfig, env: DistEnv) -> None:
     if algo.rollout_correction_cap_low is not None and not mode.startswith("mis"):
         raise ValueError(f"algo.rollout_correction_cap_low is the lower bound of the masked modes (mis-*); "
                          f"algo.rollout_correction={mode} does not use it")
-    if mode.startswith("mis") and (algo.rollout_correction_cap_low or 1.0 / cap) >= cap:
+    low = 1.0 / cap if algo.rollout_correction_cap_low is None else algo.rollout_correction_cap_low  # 0: no floor
+    if mode.startswith("mis") and low >= cap:
         raise ValueError(f"algo.rollout_correction={mode} keeps ratios in [cap_low, cap]: "
-                         f"algo.rollout_correction_cap={cap} leaves that band empty (cap_low "
-                         f"{algo.rollout_correction_cap_low or 1.0 / cap:g}); raise the cap above it")
+                         f"algo.rollout_correction_cap={cap} leaves that band empty (cap_low {low:g}); raise the cap")
     if tc.staleness < 0:
         raise ValueError(f"trainer.staleness={tc.staleness}: the steps a rollout waits to be trained on, 0 or more")
     if tc.ppo_epochs < 1:
