@@ -19,7 +19,7 @@ from gspo_cli.algo.batch_shaping import overlong_penalty
 from gspo_cli.algo.losses import masked_mean
 from gspo_cli.config import TrainConfig
 from gspo_cli.data.tasks import PromptStream, Task
-from gspo_cli.models.routing import MoERouting, Routes, routes_megabytes
+from gspo_cli.models.routing import MoERouting, Routes, load_balance_metrics, routes_megabytes
 from gspo_cli.rollout.batching import concat_rollouts
 from gspo_cli.rollout.evaluation import greedy_eval
 from gspo_cli.rollout.generate import Rollout, generate_rollout
@@ -211,6 +211,15 @@ def reference_logprobs(ref_model, rollout: Rollout, ctx: StepContext) -> torch.T
     return rows_logprobs(ref_model, rollout, rows, ctx).logp
 
 
+def predicting_tokens(rollout: Rollout, rows: torch.Tensor) -> torch.Tensor:
+    """[n, P + T] 1 on the tokens of `rows` whose outputs give the response's log-probabilities:
+    from the last prompt token to the one before the last response token (as `routing/changed_fraction` counts)."""
+    T = rollout.response_mask.shape[1]
+    predicting = torch.zeros(rollout.attention_mask[rows].shape, device=rollout.response_mask.device)
+    predicting[:, -T - 1:-1] = rollout.response_mask[rows]
+    return predicting
+
+
 def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Batch, dict[str, float]]:
     """Sample and score a batch (refilled by dynamic sampling if set), then compute the
     advantages, π_old (with the experts it chose), the sampler/trainer gap and log π_ref."""
@@ -251,6 +260,7 @@ def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Bat
         old = OldPolicy(torch.arange(mask.shape[0], device=mask.device), rollout.logp, rollout.routes)
     if old.routes is not None:
         timings["routing/replay_cache_mb"] = routes_megabytes(old.routes)
+        timings.update(load_balance_metrics(old.routes, predicting_tokens(rollout, old.rows), ctx.routing.num_experts))
     timings["time/old_logp_s"] = time.perf_counter() - start
 
     ref_logp = None
