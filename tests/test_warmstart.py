@@ -181,3 +181,8 @@ def test_the_cache_key_changes_with_the_balancing_coefficient():
     # At 0 the key is the one of before the option, so warm starts cached then are reused.
     before = {k: v for k, v in dataclasses.asdict(cfg.model.warm_start).items() if k != "balance_coef"}
     assert key(0.0) == config_hash("base", before, cfg.task, 48, warmstart.WARM_START_VERSION)
+
+
+def test_the_paper_s_model_is_warm_started_with_the_balancing_loss_and_the_default_model_without():
+    assert compose_train(["experiment=paper"]).model.warm_start.balance_coef > 0
+    assert compose_train([]).model.warm_start.balance_coef == 0  # tiny-qwen3-moe: its cached warm start stays valid
