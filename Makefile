@@ -43,7 +43,7 @@ $(VENV)/.installed-bench: $(STAMP)
 bench: $(VENV)/.installed-bench  ## throughput vs TRL, ~7 min on 2 idle cores (options: make bench ARGS='--pairs 3')
 	$(BIN)/python -m bench.run $(ARGS)
 
-gpu-check: $(STAMP)  ## one GPU: Qwen3-0.6B's shape, 1,024-token responses, bf16 over fp32 masters (3-5 min; needs a CUDA torch: TORCH_SPEC/PIP_EXTRA)
+gpu-check: $(STAMP)  ## one GPU: Qwen3-0.6B's shape, 1,024-token responses, bf16 over fp32 masters, padded vs packed update, rollout engines vs the decode limit (~8 min; needs a CUDA torch: TORCH_SPEC/PIP_EXTRA)
 	$(BIN)/python -m bench.gpu_check $(ARGS)
 
 clean:  ## remove the virtual environment and caches (not outputs/)

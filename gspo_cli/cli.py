@@ -11,7 +11,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -25,7 +25,7 @@ USAGE = """usage: gspo <command> [hydra overrides]
 commands:
   train    RL training (GSPO, GRPO, ...): gspo train algo=grpo trainer.max_steps=100
   sweep    grid of training runs + report: gspo sweep algo=gspo,grpo seed=0,1 [--target 0.7]
-  report   summary.csv, table and plots of a sweep: gspo report outputs/sweeps/NAME
+  report   summary.csv, tables, plots, intervals: gspo report outputs/sweeps/NAME [--baseline gspo]
   eval     greedy, mean@k, pass@k, maj@k:  gspo eval checkpoint=[outputs/A,outputs/B] eval.k=8
   export   LoRA adapters merged into a HF model: gspo export outputs/A --out merged/
   plot     curves of finished runs:       gspo plot outputs/A outputs/B --out curves.png
@@ -122,8 +122,27 @@ def sweep_arguments(args: list[str], now: str) -> tuple[list[str], str, float, b
     return ["--multirun", *rest] if report else rest, sweep_dir, target, report
 
 
+def pop_baseline(args: list[str]) -> tuple[Optional[str], list[str]]:
+    """`report.baseline=X`, `--baseline X` or `--baseline=X` taken out of `args`: (X or None, the rest).
+
+    X names the groups the report compares every other group with: an algorithm (`gspo`), or
+    `KEY=VALUE` of another swept key; by default the first swept value.
+    """
+    baseline, rest, i = None, [], 0
+    while i < len(args):
+        if args[i].startswith(("report.baseline=", "--baseline=")):
+            baseline = args[i].split("=", 1)[1]
+        elif args[i] == "--baseline" and i + 1 < len(args):
+            baseline, i = args[i + 1], i + 1
+        else:
+            rest.append(args[i])
+        i += 1
+    return baseline, rest
+
+
 def sweep_command(args: list[str]) -> None:
-    """`gspo sweep [overrides] [--target ACC]`: a Hydra multirun of `gspo train`, then its report.
+    """`gspo sweep [overrides] [--target ACC] [report.baseline=X]`: a Hydra multirun of `gspo train`,
+    then its report.
 
     The report is written after the jobs end, also when a job failed or the sweep was
     interrupted (then it names the jobs that did not finish), and before the error is passed on.
@@ -132,6 +151,7 @@ def sweep_command(args: list[str]) -> None:
 
     from gspo_cli.report.sweep import build_report
 
+    baseline, args = pop_baseline(args)
     hydra_args, sweep_dir, target, report = sweep_arguments(args, time.strftime("%Y-%m-%d_%H-%M-%S"))
     register_configs()
     sys.argv = ["gspo sweep", *hydra_args]
@@ -140,14 +160,15 @@ def sweep_command(args: list[str]) -> None:
     finally:
         if report and any(Path(sweep_dir).glob("*/.hydra/config.yaml")):
             try:
-                build_report(sweep_dir, target)
+                build_report(sweep_dir, target, baseline=baseline)
             except Exception as exc:  # never hide the sweep's own error behind the report's
                 print(f"gspo sweep: the report failed ({type(exc).__name__}: {exc}); "
                       f"retry with `gspo report {sweep_dir}`", file=sys.stderr)
 
 
 def report_command(args: list[str]) -> None:
-    """`gspo report SWEEP_DIR [--target ACC]`: summary.csv, tables and plots from the runs' files."""
+    """`gspo report SWEEP_DIR [--target ACC] [--baseline X | report.baseline=X]`: summary.csv, tables
+    and plots from the runs' files, with intervals and paired comparisons against the baseline."""
     import argparse
 
     from gspo_cli.report.sweep import DEFAULT_TARGET, build_report
@@ -156,10 +177,14 @@ def report_command(args: list[str]) -> None:
     parser.add_argument("sweep_dir", help="directory of a `gspo sweep` (holds one directory per job)")
     parser.add_argument("--target", type=float, default=DEFAULT_TARGET,
                         help=f"accuracy for the steps-to-target column (default {DEFAULT_TARGET})")
+    parser.add_argument("--baseline", default=None,
+                        help="the groups every other is compared with: an algorithm (gspo) or KEY=VALUE of a swept "
+                             "key; also report.baseline=X (default: the first swept value)")
+    baseline, args = pop_baseline(args)
     opts = parser.parse_args(args)
     try:
-        build_report(opts.sweep_dir, opts.target)
-    except FileNotFoundError as exc:
+        build_report(opts.sweep_dir, opts.target, baseline=baseline or opts.baseline)
+    except (FileNotFoundError, ValueError) as exc:
         print(f"gspo report: {exc}", file=sys.stderr)
         sys.exit(2)
 

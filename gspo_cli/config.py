@@ -264,6 +264,13 @@ class TrainerConfig:
     ppo_epochs: int = 1
     """Passes over the rollout batch, reshuffled after the first (TRL: `num_iterations`, verl:
     `ppo_epochs`); every pass divides by the same π_old. The paper's protocol uses 1."""
+    staleness: int = 0
+    """k: step t trains on the rollout the policy of step t − k sampled, as a trainer k steps behind
+    its sampler would (AReaL's max_head_offpolicyness, prime-rl's max_async_level); steps t ≤ k on
+    batches of the initial policy. A research knob for off-policy lag, not a speed-up: a FIFO of k
+    scored batches, carried by checkpoints. `algo.old_logp` picks the ratio's denominator: rollout,
+    the behaviour policy that sampled; recompute, the proximal one at the update, corrected by
+    `algo.rollout_correction` (decoupled PPO). 0: on-policy (docs/algorithms.md)."""
     micro_batch_size: int = 0
     """Sequences per forward/backward pass inside a mini-batch, gradients accumulated; the loss
     and gradient equal one pass over the mini-batch. Also the batch of the π_old and reference
@@ -278,6 +285,11 @@ class TrainerConfig:
     are computed (recomputed in the backward pass; 512 tokens of Qwen3's vocabulary: 311 MB); 0: all."""
     rollout_batch_size: int = 0
     """Sequences generated at a time (the KV cache is sized for this many); 0: the whole batch."""
+    rollout_engine: str = "builtin"
+    """What samples rollouts and the in-loop evaluation: `builtin` (this project's sampler) or
+    `continuous` (transformers' continuous batching; `gspo_cli/rollout/engines.py`, docs/performance.md)."""
+    rollout_engine_options: dict[str, Any] = field(default_factory=dict)
+    """Extra `transformers.ContinuousBatchingConfig` fields for `continuous` (e.g. max_batch_tokens)."""
     eval_batch_size: int = 256
     """Sequences decoded at a time by the in-loop greedy evaluation."""
     max_new_tokens: int = 8
@@ -424,6 +436,8 @@ class EvalSamplingConfig:
     """End a response once its text contains one of these, as `trainer.stop_strings` does in training; a run's
     checkpoint uses the run's `trainer.stop_strings` unless this is set on the command line."""
     batch_size: int = 512
+    rollout_engine: str = "builtin"
+    """What decodes: `builtin` or `continuous` (transformers' continuous batching), as `trainer.rollout_engine`."""
     """Sequences generated per forward batch."""
     dtype: str = "float32"
     """Parameter dtype when loading: float32, bfloat16 or float16."""

@@ -22,8 +22,10 @@ from gspo_cli.config import EvalConfig
 from gspo_cli.data.rewards import final_answer
 from gspo_cli.data.tasks import Problem, Task
 from gspo_cli.eval_task import EvalSettings, describe, given_keys, read_run_settings, settings_for
+from gspo_cli.report.eval_records import problems_digest
+from gspo_cli.report.stats import wilson_interval
+from gspo_cli.rollout.engines import sample_rollout
 from gspo_cli.rollout.evaluation import greedy_eval
-from gspo_cli.rollout.generate import generate_rollout
 
 # ---------------------------------------------------------------------------- k-sample metrics
 
@@ -102,9 +104,10 @@ def sampled_eval(
     generator: torch.Generator,
     batch_size: int = 512,
     stop_strings: Sequence[str] = (),
+    engine: str = "builtin",
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Sample n responses per problem (ending at the model's stop tokens and `stop_strings`) and
-    compute the k-sample metrics.
+    """Sample n responses per problem (ending at the model's stop tokens and `stop_strings`, drawn
+    by the rollout `engine`) and compute the k-sample metrics.
 
     Returns:
         (metrics, samples): `k_sample_metrics` plus `eval/sample_response_length` (mean
@@ -116,8 +119,8 @@ def sampled_eval(
     for start in range(0, len(problems), per_batch):
         chunk = problems[start:start + per_batch]
         prompts = [p.prompt for p in chunk for _ in range(n)]  # the n samples of a problem contiguous
-        rollout = generate_rollout(model, tokenizer, prompts, max_new_tokens, temperature, generator,
-                                   stop_strings=stop_strings)
+        rollout = sample_rollout(engine, model, tokenizer, prompts, max_new_tokens, temperature, generator,
+                                 stop_strings=stop_strings)
         lengths.extend(rollout.response_mask.sum(1).tolist())
         for i, problem in enumerate(chunk):
             completions = rollout.completions[i * n:(i + 1) * n]
@@ -161,10 +164,15 @@ def checkpoint_label(path: str) -> str:
     return Path(path).name or path
 
 
-def evaluate_checkpoint(path: str, cfg: EvalConfig, task: Task,
-                        settings: EvalSettings) -> tuple[dict[str, float], list[dict[str, Any]]]:
+def evaluate_checkpoint(path: str, cfg: EvalConfig, task: Task, settings: EvalSettings
+                        ) -> tuple[dict[str, float], list[dict[str, Any]], tuple[str, list[int]]]:
     """Load one causal LM and score it on the task's held-out split: greedy, then n samples, each
-    response at most `settings.max_new_tokens` long and ended by `settings.stop_strings`."""
+    response at most `settings.max_new_tokens` long and ended by `settings.stop_strings`.
+
+    Returns:
+        (metrics, the greedy samples logged, (digest of the problems as prompted, 1 per problem
+        the greedy response answered correctly, else 0): what `eval_correct.jsonl` records).
+    """
     from gspo_cli.models.loading import load_model, load_tokenizer
 
     ec = cfg.eval
@@ -176,11 +184,13 @@ def evaluate_checkpoint(path: str, cfg: EvalConfig, task: Task,
     tokenizer = load_tokenizer(model_dir, ec.trust_remote_code)
     task = task.for_tokenizer(tokenizer)  # the chat template, when task.chat_template is set
     length, stops = settings.max_new_tokens, settings.stop_strings
-    metrics, greedy_samples = greedy_eval(model, tokenizer, task, task.eval, length, ec.batch_size, stops)
+    metrics, greedy_samples = greedy_eval(model, tokenizer, task, task.eval, length, ec.batch_size, stops,
+                                          engine=ec.rollout_engine)
+    correct = (problems_digest(task.eval), [int(s["reward"] >= 1.0) for s in greedy_samples])
     generator = torch.Generator(device=cfg.hardware.device).manual_seed(cfg.seed)
     sampled, samples = sampled_eval(model, tokenizer, task, task.eval, n, ec.k, length, ec.temperature,
-                                    generator, ec.batch_size, stops)
-    return {**metrics, **sampled}, greedy_samples[:ec.samples_logged]
+                                    generator, ec.batch_size, stops, ec.rollout_engine)
+    return {**metrics, **sampled}, greedy_samples[:ec.samples_logged], correct
 
 
 def comparison_table(results: list[dict[str, Any]], k: int):
@@ -189,12 +199,16 @@ def comparison_table(results: list[dict[str, Any]], k: int):
 
     columns = ["eval/accuracy", f"eval/mean@{k}", f"eval/pass@{k}", f"eval/maj@{k}",
                "eval/response_length", "eval/sample_response_length"]
-    table = Table(title=f"held-out evaluation (k = {k})")
+    table = Table(title=f"held-out evaluation (k = {k}); accuracy's 95% Wilson interval over the problems")
     table.add_column("checkpoint", overflow="fold")
     for name in columns:
         table.add_column(name.removeprefix("eval/").replace("_", " "), justify="right")
+        if name == "eval/accuracy":
+            table.add_column("95% CI", justify="right")
     for result in results:  # the short label; eval.json keeps the full path
-        table.add_row(result["label"], *(f"{result['metrics'][c]:.3f}" for c in columns))
+        low, high = result.get("accuracy_ci") or (None, None)
+        cells = [f"{result['metrics'][c]:.3f}" for c in columns]
+        table.add_row(result["label"], cells[0], "–" if low is None else f"[{low:.3f}, {high:.3f}]", *cells[1:])
     return table
 
 
@@ -228,10 +242,13 @@ def run_eval(cfg: EvalConfig, run_dir: Path, overrides: Sequence[str] = ()) -> l
         with RunLogger(run_dir / f"{i}-{label}", cfg.logger, {**plain_cfg, "checkpoint": path}, f"eval-{label}",
                        total_steps=0, key_metrics=("eval/accuracy", f"eval/pass@{cfg.eval.k}"),
                        job_type="eval") as logger:
-            metrics, samples = evaluate_checkpoint(path, cfg, task, settings)
+            metrics, samples, (digest, correct) = evaluate_checkpoint(path, cfg, task, settings)
             logger.log(metrics, step=0)
             logger.log_samples(0, samples)
-        results.append({"checkpoint": path, "label": label, "settings_from": own.origins, "metrics": metrics})
+            logger.log_eval_correct(0, digest, correct)  # which problems: <i>-<label>/eval_correct.jsonl
+        ci = wilson_interval(sum(correct), len(correct)) if correct else None
+        results.append({"checkpoint": path, "label": label, "settings_from": own.origins, "metrics": metrics,
+                        "accuracy_ci": None if ci is None else [ci.low, ci.high], "num_correct": sum(correct)})
     out = {"task": plain_cfg["task"], "eval": plain_cfg["eval"], "seed": cfg.seed,
            "num_problems": len(task.eval), "results": results}
     (run_dir / "eval.json").write_text(json.dumps(out, indent=2) + "\n")

@@ -179,7 +179,7 @@ def evaluation_context(model_dir: str, env) -> tuple:
 def evaluation_worker(rank: int, world: int, port: int, model_dir: str, out_file: str) -> None:
     """FSDP2-sharded greedy evaluation, the held-out problems shared across the ranks."""
     from gspo_cli.train.distributed import gathered_for_generation
-    from gspo_cli.train.steps import evaluate
+    from gspo_cli.train.steps import evaluate, gather_correct
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -189,8 +189,9 @@ def evaluation_worker(rank: int, world: int, port: int, model_dir: str, out_file
     model = wrap_model(model, "fsdp", env)
     with gathered_for_generation(model):
         metrics, samples = evaluate(model, ctx)
+    correct = gather_correct(samples, ctx)  # every rank's share, in the problems' order
     if rank == 0:
-        torch.save({"metrics": metrics, "samples": samples}, out_file)
+        torch.save({"metrics": metrics, "samples": samples, "correct": correct}, out_file)
     shutdown(env)
 
 

@@ -12,7 +12,8 @@ import gspo_cli.train.model_loading as model_loading
 import gspo_cli.train.steps as steps
 import gspo_cli.train.update as update
 from gspo_cli.algo.losses import LOSSES
-from gspo_cli.train.loop import train
+from gspo_cli.train.distributed import DistEnv
+from gspo_cli.train.loop import check_config, train
 from gspo_cli.train.steps import old_logp_source
 
 # On CPU in float32 the sampler (KV cache, one token at a time) and the trainer (one full forward
@@ -261,6 +262,10 @@ def test_bad_algo_options_fail_before_training(tmp_path, cache_dir):
         train(compose_train(small_overrides(cache_dir) + recompute + [
             "algo.rollout_correction=mis-geo", "algo.rollout_correction_cap=1.5",
             "algo.rollout_correction_cap_low=2"]), tmp_path / "d")
+    # cap_low=0 (no floor, AReaL's behav_imp_weight_cap) is a band, also with the cap at 1, where 1/C is not
+    check_config(compose_train(small_overrides(cache_dir) + recompute + [
+        "algo.rollout_correction=mis-token", "algo.rollout_correction_cap=1.0", "algo.rollout_correction_cap_low=0"]),
+        DistEnv())
 
 
 def test_icepop_masks_the_tokens_on_which_sampler_and_trainer_disagree(tmp_path, cache_dir, monkeypatch):

@@ -186,3 +186,28 @@ def test_the_real_size_gpu_entry_has_qwen3_30b_a3b_layers(tmp_path):
     assert len(tokenizer) == 151_936
     assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 2.80
     assert round(active_params(model.config) / 1e9, 2) == 0.54
+
+
+def test_the_decode_limit_moves_the_weights_once_and_every_row_s_cache_per_step():
+    from types import SimpleNamespace
+
+    from bench.decode import decode_limit, kv_bytes_per_token
+
+    qwen3_0_6b = SimpleNamespace(num_hidden_layers=28, num_key_value_heads=8, head_dim=128, hidden_size=1024,
+                                 num_attention_heads=16)
+    assert kv_bytes_per_token(qwen3_0_6b, 2) == 2 * 28 * 8 * 128 * 2  # keys and values, bf16: 114,688 bytes
+    # 1.2 GB of weights and 64 rows of 518 tokens (6 + 1024 / 2) at 4 TB/s: 64 × 4e12 / (1.2e9 + 64 × 518 × 114688)
+    assert decode_limit(1.2e9, 114688, 64, 518, 4e12) == pytest.approx(64 * 4e12 / (1.2e9 + 64 * 518 * 114688))
+    assert decode_limit(1.2e9, 114688, 64, 518, 4e12) == pytest.approx(51_178, rel=1e-4)  # 1.25 ms a step
+
+
+def test_the_engine_comparison_times_each_engine_on_the_same_rows(tiny_model):
+    from bench.decode import compare_engines
+
+    model, tokenizer = tiny_model
+    result = compare_engines(model, tokenizer, ["1+2=", "3+4="] * 2, 4, "cpu")
+    assert set(result["engines"]) == {"builtin", "continuous", "generate"}
+    for name, engine in result["engines"].items():
+        assert 0 < engine["generated_tokens"] <= 4 * 4, name
+        assert engine["fraction_of_decode_limit"] == pytest.approx(
+            engine["tokens_per_s"] / result["decode_limit_tokens_per_s"]), name

@@ -33,6 +33,19 @@ def test_train_writes_a_hydra_run_directory_and_plot(tmp_path, cache_dir):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_train_with_stale_rollouts_runs_two_steps(tmp_path, cache_dir):
+    """`gspo train trainer.staleness=2 algo=gspo`: step 0 trains on a batch of the initial weights
+    (lag 0), step 1 on another one (lag 1), as the queue starts (docs/algorithms.md)."""
+    run_dir = tmp_path / "run"
+    result = run_gspo("train", *small_overrides(cache_dir), "trainer.staleness=2", "algo=gspo", "logger=none",
+                      f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert [r.get("rollout/policy_lag") for r in records] == [0.0, 1.0, None]
+    assert (run_dir / "checkpoints" / "final" / "config.json").exists()
+
+
 def test_unknown_option_fails_with_the_choices_and_no_traceback():
     result = run_gspo("train", "algo=gpso")
     assert result.returncode != 0
@@ -50,6 +63,7 @@ def test_unknown_command_is_an_error():
     ("model.path=/no/such/model", "model.path=/no/such/model: no such directory"),
     ("trainer.num_minibatches=5", "does not split into trainer.num_minibatches=5"),
     ("+task.reward._target_=no_such_module.reward", "no_such_module"),
+    ("trainer.staleness=-1", "trainer.staleness=-1: the steps a rollout waits to be trained on, 0 or more"),
 ])
 def test_bad_input_is_one_line_without_traceback(override, expected, tmp_path, cache_dir):
     result = run_gspo("train", *small_overrides(cache_dir), "logger=none", f"hydra.run.dir={tmp_path}", override)
@@ -171,6 +185,12 @@ def test_eval_of_a_run_scores_the_run_s_own_task_as_its_last_in_loop_evaluation(
     metrics = json.loads((eval_dir / "eval.json").read_text())["results"][0]["metrics"]
     assert metrics["eval/accuracy"] == last["eval/accuracy"]
     assert metrics["eval/response_length"] == pytest.approx(last["eval/response_length"])
+    # the same problems answered the same way, problem by problem (what gspo report pairs on)
+    from gspo_cli.report.eval_records import read_eval_correct
+
+    run_final = read_eval_correct(run_dir)[2]
+    (evaluated,) = read_eval_correct(next(eval_dir.glob("0-*"))).values()
+    assert (evaluated.problems, evaluated.correct) == (run_final.problems, run_final.correct)
     # and it says so, above the table: the run's task and where it came from
     said = result.stdout[:result.stdout.index("held-out evaluation")]
     assert "task=jsonl" in said and "chat_template=true" in said and "eval.max_new_tokens=24" in said, said

@@ -232,6 +232,8 @@ def test_sharded_evaluation_gives_the_one_process_figures(tmp_path, real_checkpo
     # Counts (greedy tokens, rewards) over the 9 problems, not sums of floats: equal but for the division.
     assert result["metrics"] == pytest.approx(metrics, rel=1e-12)
     assert 0 < metrics["eval/accuracy"] < 1 and metrics["eval/response_length"] < 12  # answers, and stops
+    # which problems were answered right, gathered from both ranks without rank 1's padding repeat
+    assert result["correct"] == [int(s["reward"] >= 1.0) for s in samples]
 
 
 def test_dynamic_sampling_keeps_fsdp_ranks_in_lockstep(tmp_path, real_checkpoint_dir):

@@ -3,6 +3,7 @@ expected values worked out in comments, and, for what TRL 1.16 implements (LUSPO
 sequence masking), the same inputs through TRL's own loss code, loss and gradient equal to 1e-5."""
 
 import math
+import os
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -281,8 +282,11 @@ def trl_loss(loss_type: str, level: str, logp, old_logp, advantages, mask, *, ep
              epsilon_high: float = 0.2, off_policy_mask_threshold=None, sampler_logp=None):
     """(loss, d loss / d logp) from TRL's `GRPOTrainer._compute_loss`, the trainer's own loss code, with
     the model's forward pass replaced by `logp`: one process, no gradient accumulation, beta = 0."""
-    grpo = pytest.importorskip("trl.trainer.grpo_trainer", reason="TRL is not installed (the bench extra: "
-                               "pip install -e '.[bench]'); the TRL cross-checks need it")
+    if os.environ.get("GSPO_REQUIRE_TRL"):  # CI (`.ci/run`): a missing TRL fails instead of skipping
+        import trl.trainer.grpo_trainer as grpo
+    else:
+        grpo = pytest.importorskip("trl.trainer.grpo_trainer", reason="TRL is not installed (the bench extra: "
+                                   "pip install -e '.[bench]'); the TRL cross-checks need it")
     trainer = grpo.GRPOTrainer
     batch, width = mask.shape
     policy = logp.clone().requires_grad_(True)

@@ -69,6 +69,26 @@ def test_grpo_clips_single_tokens():
     assert m["clip/seq_fraction"].item() == pytest.approx(1.0)  # each sequence has one
 
 
+def test_clip_shares_over_the_tokens_with_a_non_zero_advantage():
+    # Three responses (the 2- and 3-token rows of MASK and a second 3-token row) with A = +1, 0, −1.
+    # Token ratios: row 0: 2 (> 1.27: clipped), 1; row 1 (A = 0): 2, 2, 2, never clipped: no gradient
+    # to clip; row 2: 1, 1, 0.5 (< 0.8: clipped). 8 tokens, 5 with A ≠ 0, 2 clipped:
+    # clip/fraction 2/8, adv/nonzero_fraction 5/8, clip/nonzero_adv_share 2/8 (update_policy: 2/5).
+    mask = torch.cat([MASK, MASK[1:]])
+    old = torch.cat([OLD, OLD[1:]])
+    logp = old + torch.log(torch.tensor([[2.0, 1.0, 1.0], [2.0, 2.0, 2.0], [1.0, 1.0, 0.5]]))
+    _, m = grpo_loss(logp, old, torch.tensor([1.0, 0.0, -1.0]), mask, clip_low=0.2, clip_high=0.27)
+    assert m["clip/fraction"].item() == pytest.approx(2 / 8)
+    assert m["adv/nonzero_fraction"].item() == pytest.approx(5 / 8)
+    assert m["clip/nonzero_adv_share"].item() == pytest.approx(2 / 8)
+    # SAPO counts a damped gate whatever the advantage: row 1's ratio 4 is damped (weight 0.18)
+    # though A = 0, so its 3 tokens are in clip/fraction (3/8) but not in the non-zero share (0).
+    _, m = sapo_loss(old + torch.log(torch.tensor([[1.0, 1.0, 1.0], [4.0, 4.0, 4.0], [1.0, 1.0, 1.0]])), old,
+                     torch.tensor([1.0, 0.0, -1.0]), mask)
+    assert m["clip/fraction"].item() == pytest.approx(3 / 8)
+    assert m["clip/nonzero_adv_share"].item() == 0.0
+
+
 def test_no_clipping_when_ratio_moves_against_the_advantage():
     # A > 0 and ratio far below 1: the unclipped term is the smaller one, so not clipped.
     logp = OLD - 1.0

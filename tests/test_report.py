@@ -220,7 +220,7 @@ def test_report_of_a_moe_sweep_over_lengths_draws_volatility_and_results_by_leng
 
     text = out.getvalue()
     assert "sweep sweep: 4 jobs" in text and "volatility" in text and "collapsed" in text
-    group_rows = text[text.index("per algorithm"):].splitlines()
+    group_rows = text[text.index("per algorithm"):text.index("against the baseline")].splitlines()
     rows = {line.split("│")[1].strip(): line for line in group_rows if "task.chain_length=" in line}
     assert sorted(rows) == ["grpo task.chain_length=14", "grpo task.chain_length=3",
                             "gspo task.chain_length=14", "gspo task.chain_length=3"]
@@ -232,6 +232,125 @@ def test_report_of_a_moe_sweep_over_lengths_draws_volatility_and_results_by_leng
     summaries, _ = collect_sweep(sweep)
     series = by_setting(grouped(summaries))
     assert [setting for setting, _ in series["grpo"]] == ["task.chain_length=3", "task.chain_length=14"]
-    gains = {algo: [v["eval/accuracy gained (final - step 0)"] for _, v in points] for algo, points in series.items()}
+    gains = {algo: [v["eval/accuracy gained (final - step 0)"].estimate for _, v in points]
+             for algo, points in series.items()}
     assert gains["gspo"] == pytest.approx([0.3, 0.3]) and gains["grpo"] == pytest.approx([-0.2, -0.2])
-    assert [v["response_length/mean"] for _, v in series["gspo"]] == [24, 112]
+    assert [v["response_length/mean"].estimate for _, v in series["gspo"]] == [24, 112]
+    assert series["gspo"][0][1]["final eval/accuracy"].low is None  # one seed per point: no error bar
+
+
+# ---------------------------------------------------------------------------- intervals and paired comparisons
+
+
+def correct_line(step: int, right: int, total: int = 10, problems: str = "p10") -> str:
+    """An `eval_correct.jsonl` line: the first `right` of `total` problems answered correctly."""
+    return json.dumps({"step": step, "problems": problems, "correct": [1] * right + [0] * (total - right)}) + "\n"
+
+
+def test_collapse_is_a_drop_larger_than_its_interval():
+    from gspo_cli.report.eval_records import EvalCorrect
+
+    def run(outcomes):  # per step: problems answered right (the first k of n)
+        records = [{"step": i, "eval/accuracy": k / n} for i, (k, n) in enumerate(outcomes)]
+        correct = {i: EvalCorrect(i, "p", (1,) * k + (0,) * (n - k)) for i, (k, n) in enumerate(outcomes)}
+        return summarize_records(records, max_steps=len(outcomes) - 1, target=0.9, correct=correct)
+
+    # 20 problems: 0.5 -> best 0.8 -> 0.6; problems 12-15 lost: d = −1 on 4 of 20, mean −0.2,
+    # s_d = √((4·0.64 + 16·0.04)/19) = 0.41039, se = 0.09177, t_0.975(19) = 2.09302: (−0.3921, −0.0079).
+    big = run([(10, 20), (16, 20), (12, 20)])
+    assert (big["collapse"], big["collapsed"], big["drop_from_step"]) == ("collapsed", True, 1)
+    assert big["drop"] == pytest.approx(-0.2)
+    assert (big["drop_ci_low"], big["drop_ci_high"]) == pytest.approx((-0.3921, -0.0079), abs=1e-4)
+    # 5 problems: 0.4 -> 1.0 -> 0.8, the same rule met, but d = −1 on 1 of 5: se = 0.2, t_0.975(4) = 2.77645:
+    # (−0.7553, 0.3553) includes 0: named, not called a collapse.
+    small = run([(2, 5), (5, 5), (4, 5)])
+    assert (small["collapse"], small["collapsed"]) == ("drop within noise", False)
+    assert (small["drop_ci_low"], small["drop_ci_high"]) == pytest.approx((-0.7553, 0.3553), abs=1e-4)
+    # final 8 of 10: its 95% Wilson interval over the problems
+    assert (run([(8, 10), (8, 10)])["final_ci_low"], run([(8, 10), (8, 10)])["final_ci_high"]) == pytest.approx(
+        (0.49016, 0.94332), abs=1e-5)
+
+
+def make_sweep_with_problem_records(sweep: Path) -> None:
+    """gspo and grpo x seeds 0, 1, 2 and gspo-token x seed 0, each final evaluation on the same 10 problems."""
+    hydra = {"hydra": {"sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                                   "params": {"algo": "gspo,grpo,gspo-token", "seed": "0,1,2"}},
+                       "overrides": {"task": ["trainer.max_steps=2"]}}}
+    sweep.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(hydra), sweep / "multirun.yaml")
+    right = {("gspo", 0): 8, ("gspo", 1): 7, ("gspo", 2): 6, ("grpo", 0): 6, ("grpo", 1): 5, ("grpo", 2): 5,
+             ("gspo-token", 0): 9}
+    for job, ((algo, seed), k) in enumerate(right.items()):
+        records = [{"step": 0, "eval/accuracy": 0.5, "clip/fraction": 0.01, "clip/fraction_nonzero_adv": 0.02,
+                    "reward/uniform_groups": 0.5},
+                   {"step": 1, "clip/fraction": 0.03, "clip/fraction_nonzero_adv": 0.04, "reward/uniform_groups": 0.25},
+                   {"step": 2, "eval/accuracy": k / 10}]
+        write_job(sweep, job, algo, seed, records, job_info={"status": "finished", "wall_time_s": 1.0})
+        (sweep / str(job) / "eval_correct.jsonl").write_text(correct_line(0, 5) + correct_line(2, k))
+
+
+def test_report_states_intervals_n_and_paired_comparisons_against_the_baseline(tmp_path):
+    sweep = tmp_path / "sweep"
+    make_sweep_with_problem_records(sweep)
+    out = io.StringIO()
+    build_report(sweep, console=Console(file=out, width=250))  # default baseline: the first swept algo, gspo
+    text = out.getvalue()
+    rows = {r["job"]: r for r in csv.DictReader(open(sweep / "summary.csv"))}
+
+    # per run: Wilson over the 10 problems (8 of 10: 0.49016, 0.94332)
+    assert (float(rows["0"]["final_ci_low"]), float(rows["0"]["final_ci_high"])) == pytest.approx(
+        (0.49016, 0.94332), abs=1e-5)
+    assert rows["0"]["eval_problems"] == "10" and "0.800 [0.490, 0.943]" in text
+    # per group: gspo 0.8, 0.7, 0.6: 0.7 ± 4.30265·0.1/√3 = (0.45158, 0.94842), n = 3
+    gspo = rows["0"]
+    assert (gspo["group"], gspo["group_n"]) == ("gspo", "3")
+    assert (float(gspo["group_final_ci_low"]), float(gspo["group_final_ci_high"])) == pytest.approx(
+        (0.45158, 0.94842), abs=1e-5)
+    assert "0.700 [0.452, 0.948] n=3" in text
+    # grpo 0.6, 0.5, 0.5: mean 0.53333, s = 0.057735, ± 4.30265·0.033333 = ± 0.143422
+    assert (float(rows["3"]["group_final_ci_low"]), float(rows["3"]["group_final_ci_high"])) == pytest.approx(
+        (0.38991, 0.67676), abs=1e-5)
+    # gspo-token has one seed: n=1, no interval, never an interval borrowed from elsewhere
+    assert rows["6"]["group_n"] == "1" and rows["6"]["group_final_ci_low"] == ""
+    assert "0.900 n=1" in text
+    # grpo against gspo, paired on seeds 0, 1, 2 x 10 problems: only gspo right on 2 + 2 + 1 of 30 pairs:
+    # −1/6, s_d = 0.379049, se = 0.069204, t_0.975(29) = 2.04523: (−0.30820, −0.02513), t = −2.40832
+    grpo = rows["3"]
+    assert grpo["baseline"] == "gspo" and grpo["vs_baseline_pairs"] == "30" and grpo["vs_baseline_seeds"] == "3"
+    assert float(grpo["vs_baseline_diff"]) == pytest.approx(-1 / 6, abs=1e-5)
+    assert (float(grpo["vs_baseline_ci_low"]), float(grpo["vs_baseline_ci_high"])) == pytest.approx(
+        (-0.30820, -0.02513), abs=1e-5)
+    assert float(grpo["vs_baseline_p"]) == pytest.approx(0.022608, abs=1e-6)  # the t density integrated (test_stats)
+    # over seeds: −0.2, −0.2, −0.1: mean −0.16667, s = 0.057735: ± 0.143422 -> (−0.31009, −0.02324)
+    assert (float(grpo["vs_baseline_seed_ci_low"]), float(grpo["vs_baseline_seed_ci_high"])) == pytest.approx(
+        (-0.31009, -0.02324), abs=1e-5)
+    table = text[text.index("against the baseline algo=gspo"):]
+    grpo_row = next(line for line in table.splitlines() if line.startswith("│ grpo"))
+    assert "-0.167 [-0.308, -0.025] n=30" in grpo_row and "0.0226" in grpo_row and "0 / 5" in grpo_row
+    # gspo-token against gspo on seed 0 alone: +0.1 over 10 pairs (t_0.975(9) = 2.26216: ± 0.226216)
+    token = rows["6"]
+    assert (float(token["vs_baseline_ci_low"]), float(token["vs_baseline_ci_high"])) == pytest.approx(
+        (-0.12622, 0.32622), abs=1e-5)
+    token_row = next(line for line in table.splitlines() if line.startswith("│ gspo-token"))
+    assert "n=1: no interval" in token_row  # one shared seed: no interval over seeds
+    assert rows["0"]["vs_baseline_diff"] == "" and rows["0"]["baseline"] == "gspo"  # the baseline itself
+    # the clip share over tokens with a non-zero advantage and the share of all-equal groups, per run and group
+    assert float(rows["0"]["mean_clip_fraction_nonzero_adv"]) == pytest.approx(0.03)
+    assert float(rows["0"]["mean_uniform_groups"]) == pytest.approx(0.375)
+    assert "clip frac A≠0" in text and "uniform groups" in text
+    for png in ("vs_baseline.png", "accuracy_reward.png", "clip_fraction.png"):
+        assert (sweep / png).read_bytes()[:8] == PNG
+
+
+def test_the_baseline_is_named_on_the_command_line(tmp_path, capsys):
+    from gspo_cli.cli import report_command
+
+    sweep = tmp_path / "sweep"
+    make_sweep_with_problem_records(sweep)
+    report_command([str(sweep), "report.baseline=grpo"])
+    rows = {r["job"]: r for r in csv.DictReader(open(sweep / "summary.csv"))}
+    assert rows["0"]["baseline"] == "grpo" and float(rows["0"]["vs_baseline_diff"]) == pytest.approx(1 / 6, abs=1e-5)
+    assert "against the baseline algo=grpo" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        report_command([str(sweep), "--baseline", "ppo"])
+    assert "baseline 'ppo' matches no finished group" in capsys.readouterr().err

@@ -188,13 +188,16 @@ def test_the_trainer_updates_each_response_with_its_own_reward(tmp_path, cache_d
     ctx = make_context(cfg, policy, tokenizer, task, DistEnv(), state)
     G = cfg.trainer.group_size
     problems = copy.deepcopy(state.stream).next_batch(cfg.trainer.prompts_per_step)  # the batch's prompts
-    batch, _ = steps.collect_rollout(policy, ctx, state.stream)
+    batch, timings = steps.collect_rollout(policy, ctx, state.stream)
 
     answers = [p.answer for p in problems for _ in range(G)]  # groups are contiguous
     rewards = torch.tensor([task.reward(c, a) for c, a in zip(batch.rollout.completions, answers)])
     torch.testing.assert_close(batch.rewards, rewards, rtol=0, atol=0)
     advantages = compute_advantages(rewards, G, cfg.algo.adv_baseline, cfg.algo.adv_scale)
     assert (advantages != 0).any()  # some group's rewards differ: there is a direction to check
+    # the share of groups whose G rewards were all equal, counted here group by group
+    uniform = sum(len(set(rewards[i:i + G].tolist())) == 1 for i in range(0, len(rewards), G)) / (len(rewards) // G)
+    assert timings["reward/uniform_groups"] == pytest.approx(uniform)
     torch.testing.assert_close(batch.advantages, advantages, rtol=1e-6, atol=1e-6)
 
     before = sequence_logp(policy, batch.rollout)

@@ -168,3 +168,18 @@ def test_the_length_study_sweeps_three_response_lengths_with_room_for_each():
         assert longest <= cfg.trainer.max_new_tokens <= longest + 16, (cfg.task.chain_length, longest)
         lengths.setdefault(cfg.task.chain_length, set()).add(cfg.algo.name)
     assert sorted(lengths) == [2, 10, 39] and all(len(algos) == 4 for algos in lengths.values())
+
+
+FOLLOWUP_ALGOS = {"gspo", "gspo-token", "grpo", "luspo", "vespo", "icepop", "dppo", "clip-cov", "kl-cov", "grpo-opsm"}
+
+
+def test_the_followups_sweep_runs_each_objective_on_the_paper_box_fresh_and_two_steps_stale():
+    jobs = sweep_jobs("followups")
+    assert len(jobs) == len(FOLLOWUP_ALGOS) * 2
+    seen = set()
+    for job in jobs:
+        cfg = compose_train(job)
+        assert (cfg.model.name, cfg.task.name, cfg.trainer.max_steps, cfg.seed) == ("small-qwen3-moe",
+                                                                                    "arithmetic-chain", 30, 0)
+        seen.add((cfg.algo.name, cfg.trainer.staleness))
+    assert seen == {(a, k) for a in FOLLOWUP_ALGOS for k in (0, 2)}

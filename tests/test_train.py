@@ -10,6 +10,7 @@ from wandb_files import history_by_step, read_finished_wandb_log
 
 from gspo_cli.data.tasks import build_task
 from gspo_cli.models.loading import load_model
+from gspo_cli.report.eval_records import read_eval_correct
 from gspo_cli.train.loop import resolve_model_path, train
 
 STEP_METRICS = [
@@ -44,6 +45,16 @@ def test_two_steps_change_the_model_and_log_finite_metrics(algo, tmp_path, cache
         for name in STEP_METRICS + ["eval/accuracy", "eval/reward"]:
             assert math.isfinite(line[name]), (name, line)
     assert "eval/accuracy" in lines[2]
+    # Which of the 20 held-out problems each evaluation answered: what gspo report pairs runs on.
+    evals = read_eval_correct(run_dir)
+    assert sorted(evals) == [0, 1, 2] and {len(e.correct) for e in evals.values()} == {20}
+    for line in lines:
+        assert evals[line["step"]].accuracy == pytest.approx(line["eval/accuracy"])
+    assert any(line["reward/uniform_groups"] < 1.0 for line in lines[:2])  # the check below is made
+    for line in lines[:2]:
+        if line["reward/uniform_groups"] < 1.0:  # some group has a signal: tokens with A ≠ 0 exist
+            # GSPO's clip needs A ≠ 0, so the clipped tokens are all among them
+            assert line["clip/fraction_nonzero_adv"] == pytest.approx(line["clip/fraction"] / line["adv/nonzero_fraction"])
 
     start_dir = resolve_model_path(cfg, build_task(cfg.task), log=print)  # the cached warm start
     before = load_model(start_dir).state_dict()

@@ -66,7 +66,7 @@ def luspo_loss(
     """
     per_seq, seq_ratio, low, high = sequence_surrogate(logp, old_logp, advantages, mask, clip_low, clip_high)
     loss = aggregate(weighted(per_seq, sequence_weights(is_weights, mask)), mask, loss_agg, **agg)
-    return loss, per_sequence_metrics(seq_ratio, logp, old_logp, mask, low, high)
+    return loss, per_sequence_metrics(seq_ratio, logp, old_logp, mask, low, high, advantages=advantages)
 
 
 # ---------------------------------------------------------------------------- VESPO
@@ -148,7 +148,7 @@ def vespo_loss(
     loss = aggregate(-phi * token_adv * logp, mask, loss_agg, **agg)
     damped = phi < 0.5
     metrics = common_metrics(torch.exp(logp - old_logp), logp, old_logp, mask, damped & (log_w < 0),
-                             damped & (log_w > 0))
+                             damped & (log_w > 0), advantages=advantages)
     metrics["gate/seq_weight_mean"] = masked_mean(phi, mask, dim=1).mean()
     return loss, metrics
 
@@ -210,7 +210,7 @@ def icepop_loss(
     token_ratio = torch.exp(logp - old_logp)  # [B, T]
     per_token, low, high = clipped_surrogate(token_ratio, token_advantages(advantages, mask), clip_low, clip_high)
     loss = aggregate(weighted(per_token * weight, is_weights), mask, loss_agg, **agg)
-    metrics = common_metrics(token_ratio, logp, old_logp, mask, low, high)
+    metrics = common_metrics(token_ratio, logp, old_logp, mask, low, high, advantages=advantages)
     metrics["icepop/masked_fraction"] = masked_mean((below | above).float(), mask)
     metrics["icepop/weight_mean"] = masked_mean(weight, mask)
     return loss, metrics
@@ -267,7 +267,7 @@ def dppo_loss(
     keep = ~(low | high)
     per_token = -torch.where(keep, adv_tau * token_adv * token_ratio, 0.0) + kl_tau * log_ratio ** 2
     loss = aggregate(weighted(per_token, is_weights), mask, loss_agg, **agg)
-    return loss, common_metrics(token_ratio, logp, old_logp, mask, low, high)
+    return loss, common_metrics(token_ratio, logp, old_logp, mask, low, high, advantages=advantages)
 
 
 # ---------------------------------------------------------------------------- Clip-Cov and KL-Cov
@@ -355,7 +355,7 @@ def clip_cov_loss(
                                      selection_size(mask, clip_cov_ratio))
     loss = aggregate(weighted(torch.where(selected, 0.0, per_token), is_weights), mask, loss_agg, **agg)
     metrics = common_metrics(token_ratio, logp, old_logp, mask, low | (selected & (token_adv < 0)),
-                             high | (selected & (token_adv >= 0)))
+                             high | (selected & (token_adv >= 0)), advantages=advantages)
     metrics["clip/low_fraction"] = masked_mean(low.float(), mask)  # the PPO clip's own sides
     metrics["clip/high_fraction"] = masked_mean(high.float(), mask)
     metrics["cov/selected_fraction"] = masked_mean(selected.float(), mask)
@@ -394,6 +394,6 @@ def kl_cov_loss(
     per_token = -token_adv * token_ratio + torch.where(selected, kl_coef * log_ratio.abs(), 0.0)
     loss = aggregate(weighted(per_token, is_weights), mask, loss_agg, **agg)
     none = torch.zeros_like(selected)
-    metrics = common_metrics(token_ratio, logp, old_logp, mask, none, none)
+    metrics = common_metrics(token_ratio, logp, old_logp, mask, none, none, advantages=advantages)
     metrics["cov/selected_fraction"] = masked_mean(selected.float(), mask)
     return loss, metrics

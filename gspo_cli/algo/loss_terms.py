@@ -128,11 +128,16 @@ def common_metrics(
     mask: torch.Tensor,
     clipped_low: torch.Tensor,
     clipped_high: torch.Tensor,
+    advantages: Optional[torch.Tensor] = None,
 ) -> Metrics:
     """Clip shares over tokens and sequences, mean ratio, and KL(π_old ‖ π_θ).
 
     `clipped_low`/`clipped_high` are [B, T] token masks; `token_ratio` is the ratio the
-    loss used for each token ([B, T]).
+    loss used for each token ([B, T]). With `advantages` ([B] or [B, T]) also the share of
+    tokens whose advantage is not 0 (`adv/nonzero_fraction`) and the share of tokens both
+    clipped and with a non-zero advantage (`clip/nonzero_adv_share`), both over all tokens so
+    that micro-batches add up by token weight; `update_policy` divides the second by the first
+    into `clip/fraction_nonzero_adv`.
     """
     with torch.no_grad():
         low, high = clipped_low.float() * mask, clipped_high.float() * mask
@@ -141,7 +146,13 @@ def common_metrics(
         # k3 estimator of KL(π_old ‖ π_θ) on samples from π_old: (r − 1) − log r ≥ 0.
         kl = torch.expm1(log_ratio) - log_ratio
         seq_clipped = (any_clip.sum(dim=1) > 0).float()
+        signal = {}
+        if advantages is not None:  # tokens of groups whose rewards all agreed have A = 0: no gradient to clip
+            nonzero = (token_advantages(advantages.detach(), mask) != 0).float()
+            signal = {"adv/nonzero_fraction": masked_mean(nonzero, mask),
+                      "clip/nonzero_adv_share": masked_mean(any_clip * nonzero, mask)}
         return {
+            **signal,
             "clip/fraction": masked_mean(any_clip, mask),
             "clip/low_fraction": masked_mean(low, mask),
             "clip/high_fraction": masked_mean(high, mask),
@@ -151,9 +162,10 @@ def common_metrics(
         }
 
 
-def per_sequence_metrics(seq_ratio, logp, old_logp, mask, low, high) -> Metrics:
+def per_sequence_metrics(seq_ratio, logp, old_logp, mask, low, high, advantages=None) -> Metrics:
     """`common_metrics` for a loss with one ratio and one clip decision per sequence."""
     expand = lambda x: x[:, None].expand_as(mask)  # noqa: E731
-    metrics = common_metrics(expand(seq_ratio.detach()), logp, old_logp, mask, expand(low), expand(high))
+    metrics = common_metrics(expand(seq_ratio.detach()), logp, old_logp, mask, expand(low), expand(high),
+                             advantages)
     metrics["ratio/seq_mean"] = seq_ratio.detach().mean()
     return metrics

@@ -26,7 +26,7 @@ Each loss turns its per-token ([B, T]) or per-sequence ([B]) terms into one scal
 the trainer logs (`clip/fraction`, `ratio/mean`, ...). "Clipped" means the clip is active,
 that is the clipped term is the one `min` selects and the gradient of that token vanishes;
 for sequence-level losses every token of a clipped sequence counts as clipped, which makes
-`clip/fraction` (a share of tokens) comparable between GSPO and GRPO as in the paper's Fig. 4.
+`clip/fraction` (a share of tokens) comparable between GSPO and GRPO as in the paper's Fig. 2.
 CISPO and SAPO never zero a gradient; their `clip/*` metrics count the tokens whose weight
 the method cuts: CISPO's truncated importance weights, and SAPO's tokens whose soft gate has
 damped the gradient to less than half (see each loss).
@@ -94,7 +94,7 @@ def gspo_loss(
     """
     per_seq, seq_ratio, low, high = sequence_surrogate(logp, old_logp, advantages, mask, clip_low, clip_high)
     loss = aggregate(weighted(per_seq, sequence_weights(is_weights, mask)), mask, loss_agg, **agg)
-    return loss, per_sequence_metrics(seq_ratio, logp, old_logp, mask, low, high)
+    return loss, per_sequence_metrics(seq_ratio, logp, old_logp, mask, low, high, advantages=advantages)
 
 
 @padding_neutral
@@ -125,7 +125,7 @@ def gspo_token_loss(
     per_token, low, high = clipped_surrogate(token_ratio, token_advantages(advantages, mask), clip_low, clip_high)
     seq_w = sequence_weights(is_weights, mask)
     loss = aggregate(weighted(per_token, None if seq_w is None else seq_w[:, None]), mask, loss_agg, **agg)
-    metrics = common_metrics(token_ratio, logp, old_logp, mask, low, high)
+    metrics = common_metrics(token_ratio, logp, old_logp, mask, low, high, advantages=advantages)
     metrics["ratio/seq_mean"] = seq_log_ratio.detach().exp().mean()
     return loss, metrics
 
@@ -162,7 +162,7 @@ def gmpo_loss(
     loss = aggregate(weighted(per_seq, sequence_weights(is_weights, mask)), mask, loss_agg, **agg)
     low = (sign < 0) & (log_ratio < -clip_low)
     high = (sign > 0) & (log_ratio > clip_high)
-    metrics = common_metrics(torch.exp(log_ratio), logp, old_logp, mask, low, high)
+    metrics = common_metrics(torch.exp(log_ratio), logp, old_logp, mask, low, high, advantages=advantages)
     metrics["ratio/seq_mean"] = seq_ratio.detach().mean()
     return loss, metrics
 
@@ -194,7 +194,7 @@ def grpo_loss(
     token_ratio = torch.exp(logp - old_logp)  # [B, T]
     per_token, low, high = clipped_surrogate(token_ratio, token_advantages(advantages, mask), clip_low, clip_high)
     loss = aggregate(weighted(per_token, is_weights), mask, loss_agg, **agg)
-    return loss, common_metrics(token_ratio, logp, old_logp, mask, low, high)
+    return loss, common_metrics(token_ratio, logp, old_logp, mask, low, high, advantages=advantages)
 
 
 def dr_grpo_loss(logp, old_logp, advantages, mask, clip_low: float = 0.2, clip_high: float = 0.27, *,
@@ -241,7 +241,7 @@ def cispo_loss(
     per_token = -weight * token_advantages(advantages, mask) * logp
     loss = aggregate(weighted(per_token, is_weights), mask, loss_agg, **agg)
     low, high = token_ratio < 1.0 - clip_low, token_ratio > 1.0 + clip_high
-    return loss, common_metrics(token_ratio, logp, old_logp, mask, low, high)
+    return loss, common_metrics(token_ratio, logp, old_logp, mask, low, high, advantages=advantages)
 
 
 @padding_neutral
@@ -276,7 +276,8 @@ def sapo_loss(
     loss = aggregate(weighted(per_token, is_weights), mask, loss_agg, **agg)
     weight = (4.0 * gate * (1.0 - gate)).detach()
     damped = weight < 0.5
-    metrics = common_metrics(token_ratio, logp, old_logp, mask, damped & (token_ratio < 1), damped & (token_ratio > 1))
+    metrics = common_metrics(token_ratio, logp, old_logp, mask, damped & (token_ratio < 1), damped & (token_ratio > 1),
+                             advantages=advantages)
     metrics["gate/weight_mean"] = masked_mean(weight, mask)
     return loss, metrics
 

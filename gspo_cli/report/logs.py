@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column
 
 from gspo_cli.config import LoggerConfig
+from gspo_cli.report.eval_records import EVAL_CORRECT_FILE, eval_correct_line
 
 # Bounds (seconds) on how long W&B may block the trainer. wandb's defaults are 90 s for
 # init and *unbounded* for finish, which could hang a run at its very end on a bad network;
@@ -130,7 +131,7 @@ class RunLogger:
         self._started = time.monotonic()
         self._first: Optional[tuple[int, float]] = None  # (step, time) of the first log
         dropped = sum(drop_records_from(self.run_dir / name, start_step)
-                      for name in ("metrics.jsonl", "samples.jsonl"))
+                      for name in ("metrics.jsonl", "samples.jsonl", EVAL_CORRECT_FILE))
         # Line-buffered: each line reaches the OS whole, so a killed run leaves complete lines.
         self._metrics_file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         self._samples_file = None  # opened on first use: most runs log few samples
@@ -152,7 +153,8 @@ class RunLogger:
             self._progress.start()
         if dropped:
             kind = "an earlier run" if start_step == 0 else f"steps from {start_step} on (resumed)"
-            self._emit(f"{self.run_dir}: {dropped} logged records of {kind} removed from metrics.jsonl/samples.jsonl")
+            self._emit(f"{self.run_dir}: {dropped} logged records of {kind} removed from "
+                       f"metrics.jsonl/samples.jsonl/{EVAL_CORRECT_FILE}")
 
     @property
     def wandb_id(self) -> Optional[str]:
@@ -228,6 +230,14 @@ class RunLogger:
                 self.wandb_run.log({"samples": table}, step=int(step))
             except Exception as exc:
                 self._wandb_failed(exc)
+
+    def log_eval_correct(self, step: int, problems: str, correct: Sequence[bool | int]) -> None:
+        """Record which held-out problems one evaluation answered correctly (`eval_correct.jsonl`,
+        see `report.eval_records`): `correct[i]` for problem i, `problems` their digest."""
+        if self._closed:
+            return
+        with open(self.run_dir / EVAL_CORRECT_FILE, "a") as f:  # one line per evaluation: rare, opened each time
+            f.write(eval_correct_line(step, problems, correct))
 
     def print(self, message: str) -> None:
         """Print a message above the progress bar (or plainly when there is none)."""

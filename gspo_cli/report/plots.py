@@ -1,13 +1,17 @@
 """Plots of training curves, made from the `metrics.jsonl` files of run directories.
 
 `plot_runs` draws runs side by side (`gspo plot`); `plot_groups` draws a sweep's groups of
-seeds as a mean line with a min–max band (`gspo report`).
+seeds as a mean line with a 95% t-interval band over seeds (`gspo report`; none at n = 1),
+`plot_by_setting` and `plot_comparison` draw means and paired differences with error bars.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Optional
+
+from gspo_cli.report.stats import Interval, mean_interval
 
 DEFAULT_METRICS = ("reward/mean", "clip/fraction", "eval/accuracy")
 LOG_SCALE = {"clip/fraction"}  # GSPO and GRPO clip rates differ by orders of magnitude
@@ -90,6 +94,15 @@ def save_figure(fig, out: str | Path) -> Path:
 # ---------------------------------------------------------------------------- sweeps: mean and band over seeds
 
 
+def values_by_step(curves: list[list[tuple[int, float]]]) -> dict[int, list[float]]:
+    """step -> the values the runs logged at it (runs that stopped earlier are absent there)."""
+    by_step: dict[int, list[float]] = {}
+    for curve in curves:
+        for step, value in curve:
+            by_step.setdefault(step, []).append(value)
+    return by_step
+
+
 def mean_band(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float], list[float], list[float]]:
     """Mean, min and max over runs at each step any of them logged.
 
@@ -100,18 +113,31 @@ def mean_band(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[fl
     Returns:
         (steps, mean, low, high), each of length S (the distinct steps, ascending).
     """
-    by_step: dict[int, list[float]] = {}
-    for curve in curves:
-        for step, value in curve:
-            by_step.setdefault(step, []).append(value)
+    by_step = values_by_step(curves)
     steps = sorted(by_step)
     return (steps, [sum(by_step[s]) / len(by_step[s]) for s in steps],
             [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps])
 
 
+def mean_interval_band(curves: list[list[tuple[int, float]]]
+                       ) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Mean and 95% t interval over runs at each step any of them logged (`stats.mean_interval`);
+    where only one run reached a step, low = high = its value (no band).
+
+    Returns:
+        (steps, mean, low, high), each of length S (the distinct steps, ascending).
+    """
+    by_step = values_by_step(curves)
+    steps = sorted(by_step)
+    intervals = [mean_interval(by_step[s]) for s in steps]
+    return (steps, [i.estimate for i in intervals], [i.estimate if i.low is None else i.low for i in intervals],
+            [i.estimate if i.high is None else i.high for i in intervals])
+
+
 def plot_groups(groups: dict[str, list[list[dict]]], metrics: tuple[str, ...], out: str | Path,
                 title: str = "") -> Path:
-    """One panel per metric, one line per group (mean over its runs) with a min–max band.
+    """One panel per metric, one line per group (mean over its runs) with a 95% t-interval band
+    over its runs (none where one run reached a step); the legend gives each group's n.
 
     Args:
         groups: Label (e.g. the algorithm) to the metric records of each of its runs.
@@ -128,11 +154,13 @@ def plot_groups(groups: dict[str, list[list[dict]]], metrics: tuple[str, ...], o
     for ax, name in zip(axes[0], metrics):
         for label, runs in groups.items():
             curves = [[(r["step"], r[name]) for r in records if name in r] for records in runs]
-            steps, mean, low, high = mean_band([c for c in curves if c])
+            steps, mean, low, high = mean_interval_band([c for c in curves if c])
             if not steps:
                 continue
             line, = ax.plot(steps, mean, label=f"{label} (n={len(runs)})",
                             marker="o" if name.startswith("eval/") else None, markersize=3)
+            if name in LOG_SCALE:  # a share: the band's t interval may reach below 0
+                low = [max(v, 0.0) for v in low]
             ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     return finish_figure(fig, axes[0], metrics, out, title, legend_size=8)
 
@@ -178,10 +206,11 @@ def plot_volatility(groups: dict[str, list[list[dict]]], out: str | Path, title:
     return save_figure(fig, out)
 
 
-def plot_by_setting(series: dict[str, list[tuple[str, dict[str, float | None]]]], out: str | Path) -> Path:
+def plot_by_setting(series: dict[str, list[tuple[str, dict[str, Optional[Interval]]]]], out: str | Path) -> Path:
     """Results against another swept setting (e.g. the response length): one panel per figure
     (final accuracy, accuracy gained, clip fraction, response length), one line per algorithm,
-    the settings on the x axis in the order given."""
+    the settings on the x axis in the order given; each point the mean over seeds with its 95%
+    t interval as an error bar, and its n written beside it (n=1: no bar)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,17 +221,52 @@ def plot_by_setting(series: dict[str, list[tuple[str, dict[str, float | None]]]]
     settings = list(dict.fromkeys(setting for points in series.values() for setting, _ in points))
     for ax, name in zip(axes[0], names):
         for algo, points in series.items():
-            xy = [(settings.index(setting), values[name]) for setting, values in points if values[name] is not None]
-            if xy:
-                ax.plot(*zip(*xy), marker="o", label=algo)
+            known = [(settings.index(setting), values[name]) for setting, values in points if values[name] is not None]
+            if not known:
+                continue
+            x, y = [k for k, _ in known], [v.estimate for _, v in known]
+            err = [[v.estimate - v.low if v.low is not None else 0.0 for _, v in known],
+                   [v.high - v.estimate if v.high is not None else 0.0 for _, v in known]]
+            if name in LOG_SCALE:  # a share: no bar below 0
+                err[0] = [min(e, v) for e, v in zip(err[0], y)]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=algo)
+            for xi, (_, v) in zip(x, known):
+                ax.annotate(f"n={v.n}", (xi, v.estimate), textcoords="offset points", xytext=(4, 4), fontsize=6)
         ax.set_xticks(range(len(settings)), settings, rotation=20, fontsize=7)
         ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3)
         if name in LOG_SCALE:
-            values = [v[name] for points in series.values() for _, v in points if v[name] is not None]
+            values = [v[name].estimate for points in series.values() for _, v in points if v[name] is not None]
             if values and min(values) > 0:  # means over steps: a plain log axis, no symlog band around 0
                 ax.set_yscale("log")
             else:
                 ax.set_yscale("symlog", linthresh=1e-4)
     axes[0][0].legend(fontsize=8)
+    return save_figure(fig, out)
+
+
+def plot_comparison(stats: list[Any], baseline: str, out: str | Path) -> Path:
+    """Each group's final accuracy minus its baseline's (`uncertainty.GroupStats`), paired per
+    (seed, problem): the difference with its 95% interval as an error bar, p and the number of
+    seeds in the label; a line at 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [g for g in stats if g.comparison is not None and g.comparison.problems is not None]
+    fig, ax = plt.subplots(figsize=(6.4, 0.5 * max(len(rows), 1) + 1.6))
+    for i, g in enumerate(rows):
+        p = g.comparison.problems
+        low, high = (p.diff, p.diff) if p.low is None else (p.low, p.high)
+        ax.errorbar([p.diff], [i], xerr=[[p.diff - low], [high - p.diff]], fmt="o", capsize=4)
+        pval = "" if p.p is None else f", p={p.p:.2g}"
+        ax.annotate(f"{p.diff:+.3f}{pval}, seeds={len(g.comparison.seeds)}", (p.diff, i), textcoords="offset points",
+                    xytext=(0, 6), fontsize=7, ha="center")
+    ax.axvline(0.0, color="grey", linewidth=1)
+    ax.set_ylim(-0.6, max(len(rows), 1) - 0.2)  # room for the top row's label
+    ax.set_yticks(range(len(rows)), [f"{g.label}\nvs {g.comparison.baseline}" for g in rows], fontsize=7)
+    ax.set_xlabel("final accuracy − baseline's (95% interval, paired per seed and problem)")
+    ax.set_title(f"against the baseline {baseline}", fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
     return save_figure(fig, out)

@@ -12,109 +12,25 @@ import contextlib
 import csv
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from gspo_cli.report.plots import plot_by_setting, plot_groups, plot_volatility, read_metrics
+from gspo_cli.report import uncertainty
+from gspo_cli.report.eval_records import read_eval_correct
+from gspo_cli.report.plots import plot_by_setting, plot_comparison, plot_groups, plot_volatility, read_metrics
+# steps_to_target and by_setting: also imported from here
+from gspo_cli.report.summary import (DEFAULT_TARGET, RunSummary, by_setting, grouped, other_overrides,  # noqa: F401
+                                     steps_to_target, summarize_records)
 
 JOB_FILE = "job.json"  # written by `gspo sweep`/`gspo train` when a job ends: status and wall time
-# Accuracy whose first crossing `steps_to_target` reports: on the default configuration the
-# warm start is at about 0.45 and 80 steps of GSPO or GRPO reach about 0.78 (README, Measured).
-DEFAULT_TARGET = 0.7
 CURVE_METRICS = ("eval/accuracy", "reward/mean")
-CLIP_METRICS = ("clip/fraction",)
-VOLATILITY_METRIC = "routing/volatility"  # MoE runs only (GSPO paper §5.3)
-# A run collapsed when it ended this far below its best evaluation (or below where it started).
-COLLAPSE_DROP = 0.15
+CLIP_METRICS = ("clip/fraction", "clip/fraction_nonzero_adv", "reward/uniform_groups")
 
 
-@dataclass
-class RunSummary:
-    """One row of `summary.csv`: what a run reached, or how far it got."""
-
-    job: str
-    """Run directory relative to the sweep directory (the Hydra job number by default)."""
-    status: str
-    """finished, failed, incomplete (stopped early) or not started."""
-    algo: str = ""
-    """`algo.name` of the run."""
-    seed: Optional[int] = None
-    """RL seed."""
-    overrides: str = ""
-    """The swept overrides that made this job, e.g. `algo=grpo seed=1`."""
-    final_accuracy: Optional[float] = None
-    """`eval/accuracy` at the last step."""
-    best_accuracy: Optional[float] = None
-    """Highest `eval/accuracy` of any evaluation."""
-    best_step: Optional[int] = None
-    """Step of the best evaluation (the first, on ties)."""
-    start_accuracy: Optional[float] = None
-    """`eval/accuracy` at step 0 (the base the run started from)."""
-    collapsed: Optional[bool] = None
-    """A finished run that ended more than `COLLAPSE_DROP` below its best evaluation, or more than
-    5 points below its start: it learned and then lost it, or only lost."""
-    mean_clip_fraction: Optional[float] = None
-    """`clip/fraction` (a share of response tokens) averaged over the training steps."""
-    mean_volatility: Optional[float] = None
-    """`routing/volatility` averaged over the training steps (MoE models)."""
-    mean_response_length: Optional[float] = None
-    """`response_length/mean` (tokens) averaged over the training steps."""
-    steps_to_target: Optional[int] = None
-    """First evaluated step with `eval/accuracy` ≥ target_accuracy; empty if never reached."""
-    target_accuracy: Optional[float] = None
-    """The target used for `steps_to_target`."""
-    wall_time_s: Optional[float] = None
-    """Job wall time, warm start included (file times for jobs that did not end)."""
-    last_step: Optional[int] = None
-    """Last step in `metrics.jsonl`."""
-    max_steps: Optional[int] = None
-    """`trainer.max_steps` of the run."""
-    error: str = ""
-    """First line of the error of a failed job."""
-
-
-# ---------------------------------------------------------------------------- pure summaries
-
-
-def steps_to_target(points: list[tuple[int, float]], target: float) -> Optional[int]:
-    """First step whose value reaches `target`, from (step, value) pairs in step order; None if never."""
-    return next((step for step, value in points if value >= target), None)
-
-
-def summarize_records(records: list[dict], max_steps: int, target: float) -> dict[str, Any]:
-    """Accuracy, clipping and progress figures of one run's `metrics.jsonl` records.
-
-    A run has finished when its last record is the final evaluation at `max_steps`.
-    """
-    accuracy = [(r["step"], r["eval/accuracy"]) for r in records if "eval/accuracy" in r]
-    last = records[-1] if records else {}
-    finished = last.get("step") == max_steps and "eval/accuracy" in last
-    best = max(accuracy, key=lambda p: p[1], default=(None, None))  # max keeps the first of ties
-    start = accuracy[0][1] if accuracy and accuracy[0][0] == 0 else None
-    final = last["eval/accuracy"] if finished else None
-    collapsed = None if final is None else bool(
-        final < best[1] - COLLAPSE_DROP or (start is not None and final < start - 0.05))
-    return {
-        "finished": finished,
-        "final_accuracy": final,
-        "best_accuracy": best[1],
-        "best_step": best[0],
-        "start_accuracy": start,
-        "collapsed": collapsed,
-        "mean_clip_fraction": _mean_of(records, "clip/fraction"),
-        "mean_volatility": _mean_of(records, VOLATILITY_METRIC),
-        "mean_response_length": _mean_of(records, "response_length/mean"),
-        "steps_to_target": steps_to_target(accuracy, target),
-        "last_step": last.get("step"),
-    }
-
-
-def _mean_of(records: list[dict], name: str) -> Optional[float]:
-    values = [r[name] for r in records if name in r]
-    return sum(values) / len(values) if values else None
+# ---------------------------------------------------------------------------- the grid
 
 
 def parse_overrides(overrides: list[str]) -> list[Any]:
@@ -137,10 +53,6 @@ def grid(sweeper_params: dict[str, str], cli_overrides: list[str]) -> tuple[set[
     swept = {key for key, o in last.items() if o.is_sweep_override()}
     return swept, BasicSweeper.split_arguments(parsed, None)[0]
 
-
-def job_label(summary: RunSummary) -> str:
-    """Plot and table group of a run: its algorithm plus any swept override but the seed."""
-    return " ".join([summary.algo or "?", _other_overrides(summary.overrides)]).strip()
 
 
 # ---------------------------------------------------------------------------- reading a sweep directory
@@ -168,7 +80,7 @@ def read_run(run_dir: Path, sweep_dir: Path, swept: Optional[set[str]], target: 
     job_overrides = [str(o) for o in OmegaConf.load(overrides_path)] if overrides_path.exists() else []
     records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
     max_steps = int(cfg.trainer.max_steps)
-    figures = summarize_records(records, max_steps, target)
+    figures = summarize_records(records, max_steps, target, read_eval_correct(run_dir))
     job_info = json.loads((run_dir / JOB_FILE).read_text()) if (run_dir / JOB_FILE).exists() else {}
     finished = figures.pop("finished")
     status = "failed" if job_info.get("status") == "failed" else "finished" if finished else "incomplete"
@@ -219,13 +131,17 @@ def collect_sweep(sweep_dir: str | Path, target: float = DEFAULT_TARGET
 # ---------------------------------------------------------------------------- outputs
 
 
-def write_summary_csv(summaries: list[RunSummary], path: Path) -> Path:
-    """`summary.csv`: one row per run, the `RunSummary` fields as columns."""
+def write_summary_csv(summaries: list[RunSummary], path: Path,
+                      group_columns: Optional[dict[str, dict[str, Any]]] = None) -> Path:
+    """`summary.csv`: one row per run, the `RunSummary` fields as columns, then the columns of
+    its group (`uncertainty.group_columns`, by job: empty for runs in no group)."""
+    group_columns = group_columns or {}
+    extra = list(dict.fromkeys(k for columns in group_columns.values() for k in columns))
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[f.name for f in fields(RunSummary)])
+        writer = csv.DictWriter(f, fieldnames=[f.name for f in fields(RunSummary)] + extra)
         writer.writeheader()
         for summary in summaries:
-            row = asdict(summary)
+            row = {**dict.fromkeys(extra), **asdict(summary), **group_columns.get(summary.job, {})}
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v))
                              for k, v in row.items()})
     return path
@@ -239,10 +155,10 @@ def runs_table(summaries: list[RunSummary], title: str):
     """Rich table of `summary.csv`."""
     from rich.table import Table
 
-    extra = {s.job: _other_overrides(s.overrides) for s in summaries}
+    extra = {s.job: other_overrides(s.overrides) for s in summaries}
     show_extra = any(extra.values())  # the algo and seed columns already say the rest
     table = Table(title=title)
-    names = ["job", "algo", "seed", *(["overrides"] if show_extra else []), "status", "final acc",
+    names = ["job", "algo", "seed", *(["overrides"] if show_extra else []), "status", "final acc [95% CI]",
              "best (step)", "clip frac", "steps to target", "wall s"]
     for name in names:
         table.add_column(name, justify="left" if name in ("job", "algo", "overrides", "status") else "right")
@@ -251,32 +167,37 @@ def runs_table(summaries: list[RunSummary], title: str):
         status = s.status if s.status != "incomplete" else f"stopped {s.last_step}/{s.max_steps}"
         algo, seed = (s.algo, "" if s.seed is None else str(s.seed)) if s.algo else (s.overrides, "")
         table.add_row(s.job, algo, seed, *([extra[s.job]] if show_extra else []), status,
-                      _fmt(s.final_accuracy), best, _fmt(s.mean_clip_fraction, ".1e"),
+                      _fmt(s.final_accuracy) + ("" if s.final_ci_low is None else
+                                                f" [{s.final_ci_low:.3f}, {s.final_ci_high:.3f}]"),
+                      best, _fmt(s.mean_clip_fraction, ".1e"),
                       "–" if s.steps_to_target is None else str(s.steps_to_target), _fmt(s.wall_time_s, ".0f"))
     return table
 
 
-def _other_overrides(overrides: str) -> str:
-    return " ".join(o for o in overrides.split() if not o.startswith(("seed=", "algo=")))
-
-
-def groups_table(summaries: list[RunSummary], target: float):
-    """Rich table per algorithm (and other swept settings): mean and range over finished seeds."""
+def groups_table(summaries: list[RunSummary], target: float, stats: list[uncertainty.GroupStats]):
+    """Rich table per algorithm (and other swept settings): over its finished seeds, the final
+    accuracy as mean [95% t interval] n, the rest as mean (min–max) or mean."""
     from rich.table import Table
 
     groups = grouped(summaries)
     moe = any(r.mean_volatility is not None for runs in groups.values() for r in runs)
-    table = Table(title="finished runs per algorithm: mean (min–max) over seeds")
-    names = ["group", "runs", "start acc", "final acc", "best acc", "collapsed", "clip frac",
-             *(["volatility"] if moe else []), "resp len", f"reached {target:g}"]
+    table = Table(title="finished runs per algorithm: final acc = mean [95% t-interval over seeds] n (n=1: one "
+                        "seed, no interval); others mean (min–max) over seeds")
+    names = ["group", "runs", "start acc", "final acc", "best acc", "collapsed", "clip frac", "clip frac A≠0",
+             "uniform groups", *(["volatility"] if moe else []), "resp len", f"reached {target:g}"]
     for name in names:
         table.add_column(name, justify="left" if name == "group" else "right")
+    final = {g.label: g.final for g in stats}
     for label, runs in groups.items():
         reached = sum(r.steps_to_target is not None for r in runs)
+        within = sum(r.collapse == uncertainty.WITHIN_NOISE for r in runs)
         table.add_row(label, str(len(runs)), _mean_range([r.start_accuracy for r in runs]),
-                      _mean_range([r.final_accuracy for r in runs]), _mean_range([r.best_accuracy for r in runs]),
-                      f"{sum(bool(r.collapsed) for r in runs)}/{len(runs)}",
+                      uncertainty.fmt_interval(final.get(label)), _mean_range([r.best_accuracy for r in runs]),
+                      f"{sum(bool(r.collapsed) for r in runs)}/{len(runs)}" + (f" ({within} within noise)" if within
+                                                                              else ""),
                       _fmt(_mean([r.mean_clip_fraction for r in runs]), ".1e"),
+                      _fmt(_mean([r.mean_clip_fraction_nonzero_adv for r in runs]), ".1e"),
+                      _fmt(_mean([r.mean_uniform_groups for r in runs]), ".2f"),
                       *([_fmt(_mean([r.mean_volatility for r in runs]), ".3f")] if moe else []),
                       _fmt(_mean([r.mean_response_length for r in runs]), ".0f"), f"{reached}/{len(runs)}")
     return table
@@ -292,60 +213,48 @@ def _mean_range(values: list[Optional[float]]) -> str:
     return f"{sum(known) / len(known):.3f} ({min(known):.3f}–{max(known):.3f})" if known else "–"
 
 
-def by_setting(groups: dict[str, list[RunSummary]]) -> dict[str, list[tuple[str, dict[str, Optional[float]]]]]:
-    """Per algorithm, its groups' means over seeds at each other swept setting (e.g. a response
-    length), in the order the settings first appear: what `plot_by_setting` draws."""
-    series: dict[str, list[tuple[str, dict[str, Optional[float]]]]] = {}
-    for runs in groups.values():
-        first = runs[0]
-        gains = [None if r.final_accuracy is None or r.start_accuracy is None else r.final_accuracy - r.start_accuracy
-                 for r in runs]
-        series.setdefault(first.algo, []).append((_other_overrides(first.overrides), {
-            "final eval/accuracy": _mean([r.final_accuracy for r in runs]),
-            # each setting has a base of its own (a warm start per response length): the gain compares them
-            "eval/accuracy gained (final - step 0)": _mean(gains),
-            "clip/fraction": _mean([r.mean_clip_fraction for r in runs]),
-            "response_length/mean": _mean([r.mean_response_length for r in runs]),
-        }))
-    return series
-
-
-def grouped(summaries: list[RunSummary]) -> dict[str, list[RunSummary]]:
-    """Finished runs by `job_label`, in order of first appearance."""
-    groups: dict[str, list[RunSummary]] = {}
-    for s in summaries:
-        if s.status == "finished":
-            groups.setdefault(job_label(s), []).append(s)
-    return groups
-
-
-def build_report(sweep_dir: str | Path, target: float = DEFAULT_TARGET, console=None) -> list[RunSummary]:
+def build_report(sweep_dir: str | Path, target: float = DEFAULT_TARGET, console=None,
+                 baseline: Optional[str] = None) -> list[RunSummary]:
     """Write `summary.csv` and the plots into the sweep directory and print the tables.
 
     Plots and the per-algorithm table use finished runs only; unfinished and unstarted
-    jobs are listed by name.
+    jobs are listed by name. `baseline` (`uncertainty.choose_baseline`: "gspo", "KEY=VALUE",
+    None for the first swept value) is what every group is compared with, paired.
     """
     from rich.console import Console
 
-    if console is None:  # a log file or pipe is not 80 columns wide: do not squeeze the table
-        console = Console() if Console().is_terminal else Console(width=120)
+    if console is None:  # a log file or pipe is not 80 columns wide: do not squeeze the tables
+        console = Console() if Console().is_terminal else Console(width=200)
     sweep_dir = Path(sweep_dir)
     summaries, records = collect_sweep(sweep_dir, target)
     if not summaries:
         raise FileNotFoundError(f"{sweep_dir} holds no run directories (no */.hydra/config.yaml)")
-    csv_path = write_summary_csv(summaries, sweep_dir / "summary.csv")
-    console.print(runs_table(summaries, f"sweep {sweep_dir.name}: {len(summaries)} jobs"))
     groups = grouped(summaries)
+    final_correct = {}  # each finished run's final evaluation, per problem
+    for runs in groups.values():
+        for r in runs:
+            found = read_eval_correct(sweep_dir / r.job).get(r.last_step)
+            if found is not None:
+                final_correct[r.job] = found
+    chosen, stats = uncertainty.group_stats(groups, final_correct, baseline)
+    csv_path = write_summary_csv(summaries, sweep_dir / "summary.csv", uncertainty.group_columns(stats, groups, chosen))
+    console.print(runs_table(summaries, f"sweep {sweep_dir.name}: {len(summaries)} jobs"))
     written = [csv_path]
     if groups:
-        console.print(groups_table(summaries, target))
+        console.print(groups_table(summaries, target, stats))
+        if chosen is not None:
+            console.print(uncertainty.comparison_table(stats, chosen))
+            written.append(plot_comparison(stats, chosen, sweep_dir / "vs_baseline.png"))
+        for line in uncertainty.comparison_notes(stats) + [uncertainty.collapse_line(r) for runs in groups.values()
+                                                           for r in runs if r.collapse]:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
         curves = {label: [records[r.job] for r in runs] for label, runs in groups.items()}
-        title = f"{sweep_dir.name}: mean over seeds, band = min–max"
+        title = f"{sweep_dir.name}: mean over seeds, band = 95% t-interval over seeds (none at n=1)"
         written.append(plot_groups(curves, CURVE_METRICS, sweep_dir / "accuracy_reward.png", title))
         written.append(plot_groups(curves, CLIP_METRICS, sweep_dir / "clip_fraction.png", title))
         if any(r.mean_volatility is not None for runs in groups.values() for r in runs):
             written.append(plot_volatility(curves, sweep_dir / "routing_volatility.png", title))
-        settings = {_other_overrides(r.overrides) for runs in groups.values() for r in runs}
+        settings = {other_overrides(r.overrides) for runs in groups.values() for r in runs}
         if len(settings) > 1:  # another swept setting besides algo and seed: results against it
             written.append(plot_by_setting(by_setting(groups), sweep_dir / "by_setting.png"))
     for s in summaries:

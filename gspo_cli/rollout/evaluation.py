@@ -3,13 +3,13 @@ warm start stops on, and the greedy half of `gspo eval`."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gspo_cli.data.tasks import Problem, Task
-from gspo_cli.rollout.generate import generate_rollout
+from gspo_cli.rollout.engines import sample_rollout
 
 
 @torch.no_grad()
@@ -22,10 +22,12 @@ def greedy_eval(
     batch_size: int = 256,
     stop_strings: Sequence[str] = (),
     still_running: Callable[[bool], bool] = bool,
+    engine: str = "builtin",
+    engine_options: Optional[dict] = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Greedy-decode every problem once (ending at the model's stop tokens and `stop_strings`)
     and score it. `still_running` as in `generate_rollout` (ranks of a sharded model decode
-    in lockstep).
+    in lockstep); `engine` the rollout engine (`rollout/engines.py`).
 
     Returns:
         (metrics, samples): `eval/accuracy` (share of rewards equal to 1), `eval/reward`
@@ -37,8 +39,8 @@ def greedy_eval(
     rewards, lengths, samples = [], [], []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]
-        rollout = generate_rollout(model, tokenizer, [p.prompt for p in chunk], max_new_tokens, temperature=0.0,
-                                   still_running=still_running, stop_strings=stop_strings)
+        rollout = sample_rollout(engine, model, tokenizer, [p.prompt for p in chunk], max_new_tokens, temperature=0.0,
+                                 still_running=still_running, stop_strings=stop_strings, engine_options=engine_options)
         chunk_lengths = rollout.response_mask.sum(1).tolist()
         lengths.extend(chunk_lengths)
         for problem, completion, length in zip(chunk, rollout.completions, chunk_lengths):

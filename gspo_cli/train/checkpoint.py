@@ -6,7 +6,8 @@ A checkpoint is a directory `checkpoints/step_<N>/` holding
   adapters only, in `peft`'s format (the base model is the run's starting point);
 - `trainer_state.pt`: optimizer, scheduler, the step, the prompt stream's position, every
   random number generator of every rank (`rng`: a list indexed by rank, gathered to rank 0,
-  which writes the file), the W&B run id — tensors and plain Python values only, so it
+  which writes the file), the W&B run id, and with `trainer.staleness` every rank's queued
+  rollout batches (`rollouts`, a list indexed by rank, `train/stale.py`) — tensors and plain Python values only, so it
   loads with `torch.load(weights_only=True)` and never runs pickled code.
 
 It is written to a hidden temporary directory and renamed into place only when complete,
@@ -65,13 +66,19 @@ def gather_rng_states(state: dict[str, Any], env: DistEnv) -> list[dict[str, Any
 
     Each rank draws its own samples (its generators are seeded `seed + rank`), so an exact resume
     needs each rank's states back, not rank 0's on every rank."""
+    return gather_per_rank(state, env)
+
+
+def gather_per_rank(value: Any, env: DistEnv) -> list[Any]:
+    """Every rank's `value` (tensors on the CPU and plain values), in rank order, on rank 0 (the
+    other ranks get []); called on every rank. Random states, and `trainer.staleness`'s queued rollouts."""
     if not env.distributed:
-        return [state]
+        return [value]
     import torch.distributed as dist
 
-    states: Optional[list] = [None] * env.world_size if env.is_main else None
-    dist.gather_object(state, states, dst=0)  # NCCL: through the GPU that init_distributed set
-    return states or []
+    values: Optional[list] = [None] * env.world_size if env.is_main else None
+    dist.gather_object(value, values, dst=0)  # NCCL: through the GPU that init_distributed set
+    return values or []
 
 
 def own_rng_state(trainer_state: dict[str, Any], env: DistEnv) -> Optional[dict[str, Any]]:

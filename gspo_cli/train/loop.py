@@ -11,7 +11,7 @@ import resource
 import signal
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,8 +29,11 @@ from gspo_cli.data.tasks import PromptStream, Task, build_task
 from gspo_cli.models.loading import load_tokenizer
 from gspo_cli.models.lora import AdaptersOff, is_adapted, trainable_parameters
 from gspo_cli.models.routing import MoERouting, is_moe
+from gspo_cli.report.eval_records import problems_digest
 from gspo_cli.report.logs import RunLogger
+from gspo_cli.rollout.engines import engine_conflicts
 from gspo_cli.train.checkpoint import (
+    gather_per_rank,
     gather_rng_states,
     is_sharded,
     latest_checkpoint,
@@ -48,10 +51,11 @@ from gspo_cli.train.guards import BadStepCounter, CollapseMonitor, NoSignalMonit
 from gspo_cli.train.host import configure_host
 from gspo_cli.train.model_loading import load_policy, load_reference
 from gspo_cli.train.precision import autocast
+from gspo_cli.train.stale import RolloutQueue, check_saved_queue, staleness_pitfall
 from gspo_cli.train.steps import (
     StepContext,
-    collect_rollout,
     evaluate,
+    gather_correct,
     old_logp_source,
     reduce_over_ranks,
     rollout_correction,
@@ -97,10 +101,12 @@ def check_config(cfg: TrainConfig, env: DistEnv) -> None:
     if algo.rollout_correction_cap_low is not None and not mode.startswith("mis"):
         raise ValueError(f"algo.rollout_correction_cap_low is the lower bound of the masked modes (mis-*); "
                          f"algo.rollout_correction={mode} does not use it")
-    if mode.startswith("mis") and (algo.rollout_correction_cap_low or 1.0 / cap) >= cap:
+    low = 1.0 / cap if algo.rollout_correction_cap_low is None else algo.rollout_correction_cap_low  # 0: no floor
+    if mode.startswith("mis") and low >= cap:
         raise ValueError(f"algo.rollout_correction={mode} keeps ratios in [cap_low, cap]: "
-                         f"algo.rollout_correction_cap={cap} leaves that band empty (cap_low "
-                         f"{algo.rollout_correction_cap_low or 1.0 / cap:g}); raise the cap above it")
+                         f"algo.rollout_correction_cap={cap} leaves that band empty (cap_low {low:g}); raise the cap")
+    if tc.staleness < 0:
+        raise ValueError(f"trainer.staleness={tc.staleness}: the steps a rollout waits to be trained on, 0 or more")
     if tc.ppo_epochs < 1:
         raise ValueError(f"trainer.ppo_epochs={tc.ppo_epochs}: at least one pass over the rollout batch")
     if tc.prompts_per_step % env.world_size:
@@ -113,6 +119,11 @@ def check_config(cfg: TrainConfig, env: DistEnv) -> None:
         raise ValueError(f"hardware.precision={cfg.hardware.precision!r} is not one of ['bf16', 'fp32']")
     if cfg.hardware.strategy not in ("ddp", "fsdp"):
         raise ValueError(f"hardware.strategy={cfg.hardware.strategy!r} is not one of ['ddp', 'fsdp']")
+    replays_sampler_routes = algo.routing_replay and old_logp_source(cfg) == "rollout"
+    problem = engine_conflicts(tc.rollout_engine, replays_sampler_routes,
+                               fsdp=env.distributed and cfg.hardware.strategy == "fsdp")
+    if problem:
+        raise ValueError(problem)
 
 
 def config_pitfalls(cfg: TrainConfig) -> list[str]:
@@ -123,6 +134,7 @@ def config_pitfalls(cfg: TrainConfig) -> list[str]:
             f"model.dtype={cfg.model.dtype}: AdamW updates {cfg.model.dtype} weights with no float32 master "
             "copy, so small updates round away (GSPO's clip range, 4e-4, is below bfloat16's resolution of "
             "~4e-3). For fp32 master weights with bf16 compute: model.dtype=float32 hardware.precision=bf16.")
+    pitfalls.append(staleness_pitfall(cfg))
     return [p for p in pitfalls if p]
 
 
@@ -143,11 +155,15 @@ class TrainState:
     generator: torch.Generator  # CPU: mini-batch order, and sampling on CPU
     sampling_generator: Optional[torch.Generator] = None  # sampling on a GPU (generators are per device)
     step: int = 0  # completed RL steps
+    queue: RolloutQueue = field(default_factory=lambda: RolloutQueue(0))  # `trainer.staleness`'s rollouts
 
-    def to_dict(self, wandb_id: Optional[str], rng: list[dict[str, Any]]) -> dict[str, Any]:
-        """What a checkpoint's trainer_state.pt holds; `rng`: every rank's `rng_state` (`gather_rng_states`)."""
+    def to_dict(self, wandb_id: Optional[str], rng: list[dict[str, Any]],
+                rollouts: Optional[list[list[dict[str, Any]]]] = None) -> dict[str, Any]:
+        """What a checkpoint's trainer_state.pt holds; `rng`: every rank's `rng_state` (`gather_rng_states`);
+        `rollouts`: every rank's `RolloutQueue.state`, with `trainer.staleness` > 0 only."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "stream": self.stream.state(), "rng": rng, "wandb_id": wandb_id}
+                "stream": self.stream.state(), "rng": rng, "wandb_id": wandb_id,
+                **({"rollouts": rollouts} if rollouts is not None else {})}
 
 
 # ---------------------------------------------------------------------------- set-up
@@ -183,7 +199,8 @@ def setup(cfg: TrainConfig, run_dir: Path, env: DistEnv, log) -> tuple[Any, Any,
     # rank's draws: every rank then seeds afresh from (seed, step, rank), not to repeat step 0's.
     rank_seed = cfg.seed + env.rank if rng is not None or not saved else \
         int(np.random.SeedSequence([cfg.seed, saved["step"], env.rank]).generate_state(1)[0])
-    state = TrainState(optimizer, scheduler, PromptStream(task.train, cfg.seed), seed_everything(rank_seed))
+    state = TrainState(optimizer, scheduler, PromptStream(task.train, cfg.seed), seed_everything(rank_seed),
+                       queue=RolloutQueue(tc.staleness))
     if env.device != "cpu":
         state.sampling_generator = torch.Generator(device=env.device).manual_seed(rank_seed)
     if resume_from:
@@ -199,6 +216,7 @@ def setup(cfg: TrainConfig, run_dir: Path, env: DistEnv, log) -> tuple[Any, Any,
             log(f"warning: {resume_from} holds the random states of {len(saved['rng'])} rank(s), not "
                 f"{env.world_size}: each rank samples from a fresh seed, not as the saved run would have")
         state.step = saved["step"]
+        state.queue.load_state(saved["rollouts"][env.rank] if tc.staleness else [], env.device)
         log(f"resumed from {resume_from} at step {state.step}")
     return policy, tokenizer, task, state
 
@@ -268,6 +286,7 @@ def train_in_group(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict[str, A
         warnings.warn(pitfall, stacklevel=3)
     resumed = resume_point(cfg, run_dir)
     saved = load_trainer_state(resumed) if resumed else {}  # to continue the same W&B run and log
+    check_saved_queue(saved, cfg.trainer.staleness, env.world_size, resumed)  # before any model is loaded
     run_name = cfg.run_name or f"{cfg.algo.name}-{cfg.model.name}-s{cfg.seed}"
     plain_cfg = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     with RunLogger(run_dir, cfg.logger, plain_cfg, run_name, total_steps=cfg.trainer.max_steps,
@@ -295,11 +314,13 @@ def save_resumable(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, st
     """A checkpoint to resume from: sharded by every rank under FSDP2, else written by rank 0."""
     env, keep = ctx.env, cfg.trainer.keep_last
     rng = gather_rng_states(rng_state(state.generator, state.sampling_generator), env)  # every rank's, on rank 0
+    rollouts = gather_per_rank(state.queue.state(), env) if cfg.trainer.staleness else None  # each rank its own
+    trainer_state = state.to_dict(logger.wandb_id, rng, rollouts)
     if env.distributed and cfg.hardware.strategy == "fsdp":
-        save_sharded_checkpoint(run_dir, state.step, policy, state.optimizer, ctx.tokenizer,
-                                state.to_dict(logger.wandb_id, rng), keep, env.is_main)
+        save_sharded_checkpoint(run_dir, state.step, policy, state.optimizer, ctx.tokenizer, trainer_state, keep,
+                                env.is_main)
     elif env.is_main:
-        save_checkpoint(run_dir, state.step, unwrap(policy), ctx.tokenizer, state.to_dict(logger.wandb_id, rng), keep)
+        save_checkpoint(run_dir, state.step, unwrap(policy), ctx.tokenizer, trainer_state, keep)
 
 
 def loop_steps(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, state: TrainState,
@@ -317,13 +338,15 @@ def loop_steps(cfg: TrainConfig, run_dir: Path, policy, ctx: StepContext, state:
             with gathered_for_generation(policy, cfg.hardware.gather_for_rollout):
                 eval_metrics, samples = evaluate(policy, ctx)  # greedy, the held-out problems shared across ranks
             logger.log_samples(step, samples[:tc.eval_samples_logged])
+            # which problems were answered right, every rank's share: what `gspo report` pairs runs on
+            logger.log_eval_correct(step, problems_digest(ctx.task.eval), gather_correct(samples, ctx))
         if step == tc.max_steps:  # the last record holds only the final evaluation
             record = {**record, **eval_metrics}
             logger.log(eval_metrics, step)
             break
 
         start = time.perf_counter()
-        batch, timings = collect_rollout(policy, ctx, state.stream)          # rollout, reward, advantages, π_old
+        batch, timings = state.queue.next_batch(policy, ctx, state.stream, step)  # rollout (k steps old), π_old
         update_start = time.perf_counter()
         update_metrics = update_policy(policy, state.optimizer, state.scheduler, batch, ctx)  # mini-batch steps
         timings["time/update_s"] = time.perf_counter() - update_start

@@ -15,14 +15,15 @@ from typing import Any, NamedTuple, Optional, Sequence
 import torch
 
 from gspo_cli.algo.advantages import compute_advantages
-from gspo_cli.algo.batch_shaping import overlong_penalty
+from gspo_cli.algo.batch_shaping import informative_groups, overlong_penalty
 from gspo_cli.algo.losses import masked_mean
 from gspo_cli.config import TrainConfig
 from gspo_cli.data.tasks import PromptStream, Task
 from gspo_cli.models.routing import MoERouting, Routes, load_balance_metrics, routes_megabytes
 from gspo_cli.rollout.batching import concat_rollouts
 from gspo_cli.rollout.evaluation import greedy_eval
-from gspo_cli.rollout.generate import Rollout, generate_rollout
+from gspo_cli.rollout.engines import sample_rollout
+from gspo_cli.rollout.generate import Rollout
 from gspo_cli.rollout.refill import fill_with_informative_groups
 from gspo_cli.train.distributed import (DistEnv, all_gather_rows, all_reduce_any, all_reduce_max, all_reduce_sum,
                                         gathered_for_generation, shard, unwrap)
@@ -87,7 +88,9 @@ def old_logp_source(cfg: TrainConfig) -> str:
         return algo.old_logp
     same_numbers = cfg.hardware.precision == "fp32" and cfg.model.dtype == "float32"
     full_distribution = cfg.trainer.top_p >= 1.0 and cfg.trainer.top_k == 0  # top-p/k: the sampler's is truncated
-    return "rollout" if same_numbers and full_distribution and rollout_correction(cfg)[0] == "none" else "recompute"
+    own_sampler = cfg.trainer.rollout_engine == "builtin"  # another engine's numbers come from other kernels
+    uncorrected = rollout_correction(cfg)[0] == "none"
+    return "rollout" if same_numbers and full_distribution and own_sampler and uncorrected else "recompute"
 
 
 def rollout_correction(cfg: TrainConfig) -> tuple[str, float]:
@@ -106,14 +109,15 @@ def sample_and_score(policy, ctx: StepContext, stream: PromptStream,
     answers = [p.answer for p in problems for _ in range(tc.group_size)]
 
     start = time.perf_counter()
-    # the sampler's routes are π_old's, when they are kept
-    routing = ctx.routing if old_logp_source(ctx.cfg) == "rollout" and keeps_old_routes(ctx) else None
+    # the sampler's routes are π_old's, when they are kept (the built-in engine records them)
+    records = old_logp_source(ctx.cfg) == "rollout" and keeps_old_routes(ctx) and tc.rollout_engine == "builtin"
     size = tc.rollout_batch_size or len(prompts)  # rows whose KV cache exists at once
     with gathered_for_generation(policy, ctx.cfg.hardware.gather_for_rollout):  # FSDP2: gathered once, not per token
         rollout = concat_rollouts([
-            generate_rollout(policy, ctx.tokenizer, prompts[i:i + size], tc.max_new_tokens, tc.temperature,
-                             ctx.sampling_generator or ctx.generator, ctx.still_running, routing,
-                             top_p=tc.top_p, top_k=tc.top_k, stop_strings=tc.stop_strings)
+            sample_rollout(tc.rollout_engine, policy, ctx.tokenizer, prompts[i:i + size], tc.max_new_tokens,
+                           tc.temperature, ctx.sampling_generator or ctx.generator, ctx.still_running,
+                           ctx.routing if records else None, top_p=tc.top_p, top_k=tc.top_k,
+                           stop_strings=tc.stop_strings, engine_options=tc.rollout_engine_options)
             for i in range(0, len(prompts), size)], ctx.tokenizer.pad_token_id)
     timings["time/generate_s"] = timings.get("time/generate_s", 0.0) + time.perf_counter() - start
 
@@ -138,13 +142,27 @@ def evaluate(policy, ctx: StepContext) -> tuple[dict[str, float], list[dict[str,
     real = len(mine)
     _, samples = greedy_eval(unwrap(policy), ctx.tokenizer, ctx.task, mine + problems[-1:] * (per_rank - real),
                              tc.max_new_tokens, tc.eval_batch_size, stop_strings=tc.stop_strings,
-                             still_running=ctx.still_running)
+                             still_running=ctx.still_running, engine=tc.rollout_engine,
+                             engine_options=tc.rollout_engine_options)
     samples = samples[:real]
     sums = all_reduce_sum(torch.tensor([float(len(samples)), sum(s["reward"] >= 1.0 for s in samples),
                                         sum(s["reward"] for s in samples), sum(s["response_length"] for s in samples)],
                                        dtype=torch.float64), env).tolist()
     n = max(sums[0], 1.0)
     return {"eval/accuracy": sums[1] / n, "eval/reward": sums[2] / n, "eval/response_length": sums[3] / n}, samples
+
+
+def gather_correct(samples: Sequence[dict[str, Any]], ctx: StepContext) -> list[int]:
+    """Whether each held-out problem was answered correctly (1, else 0), in the task's order,
+    from every rank's `evaluate` samples (a collective: every rank calls it; each holds the list).
+
+    Each rank holds its contiguous share of ⌈P / ranks⌉ problems (the last may hold fewer): the
+    shares are padded with -1 to equal lengths, gathered in rank order, and the padding dropped.
+    """
+    per_rank = -(-len(ctx.task.eval) // ctx.env.world_size)
+    mine = [int(s["reward"] >= 1.0) for s in samples] + [-1] * (per_rank - len(samples))
+    gathered = all_gather_rows(torch.tensor(mine, dtype=torch.long), ctx.env)  # [ranks · per_rank]
+    return [c for c in gathered.tolist() if c >= 0]
 
 
 def keeps_old_routes(ctx: StepContext) -> bool:
@@ -220,9 +238,19 @@ def predicting_tokens(rollout: Rollout, rows: torch.Tensor) -> torch.Tensor:
     return predicting
 
 
-def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Batch, dict[str, float]]:
-    """Sample and score a batch (refilled by dynamic sampling if set), then compute the
-    advantages, π_old (with the experts it chose), the sampler/trainer gap and log π_ref."""
+class Scored(NamedTuple):
+    """A sampled, scored rollout batch with its advantages: what does not depend on the policy
+    that trains on it (N = this rank's prompts × G). `trainer.staleness` queues these (`stale.py`)."""
+
+    rollout: Rollout  # the sampler's (behaviour policy's) tokens, log-probabilities and experts
+    rewards: torch.Tensor  # [N]
+    advantages: torch.Tensor  # [N]
+    metrics: dict[str, float]  # figures of these rows: reward components, uniform groups, dynamic sampling, ...
+
+
+def sample_scored(policy, ctx: StepContext, stream: PromptStream) -> tuple[Scored, dict[str, float]]:
+    """Sample and score a batch (refilled by dynamic sampling if set) and compute its advantages;
+    also returns the time it took (`time/*`)."""
     tc, algo = ctx.cfg.trainer, ctx.cfg.algo
     timings: dict[str, float] = {}
     sampler = unwrap(policy)  # DDP's forward hooks are for training passes only
@@ -238,6 +266,7 @@ def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Bat
             warnings.warn(filled.warning, stacklevel=2)
     else:
         rollout, rewards = draw()
+    sampler.train()
     mask = rollout.response_mask
 
     shaped = rewards
@@ -249,9 +278,26 @@ def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Bat
     # From every rank's rewards, so a batch-wide statistic (algo.adv_scale=batch-std) is the
     # whole batch's, as in one process; this rank keeps its own rows.
     n, rank = shaped.shape[0], ctx.env.rank
-    advantages = compute_advantages(all_gather_rows(shaped, ctx.env), tc.group_size, algo.adv_baseline,
+    every_rank = all_gather_rows(shaped, ctx.env)
+    advantages = compute_advantages(every_rank, tc.group_size, algo.adv_baseline,
                                     algo.adv_scale)[rank * n:(rank + 1) * n]
+    # Groups whose G rewards were all equal: zero advantage, no gradient (of all ranks' groups).
+    timings["reward/uniform_groups"] = 1.0 - informative_groups(every_rank, tc.group_size).float().mean().item()
+    rows_metrics = {name: value for name, value in timings.items() if not name.startswith("time/")}
+    return Scored(rollout, rewards, advantages, rows_metrics), {
+        name: value for name, value in timings.items() if name.startswith("time/")}
 
+
+def prepare_batch(policy, ctx: StepContext, scored: Scored) -> tuple[Batch, dict[str, float]]:
+    """Bind a scored batch to the policy about to train on it: the first epoch's mini-batch order,
+    π_old (recomputed by this policy, with the experts it chose, or the sampler's numbers) and
+    log π_ref. With `trainer.staleness=0` this policy sampled the batch; with k > 0 the policy of
+    k steps ago did, and a recomputed π_old is the proximal policy, not the behaviour one (`stale.py`)."""
+    tc, algo, rollout = ctx.cfg.trainer, ctx.cfg.algo, scored.rollout
+    timings: dict[str, float] = {}
+    mask = rollout.response_mask
+    sampler = unwrap(policy)  # DDP's forward hooks are for training passes only
+    sampler.eval()
     start = time.perf_counter()
     order = torch.randperm(mask.shape[0], generator=ctx.generator)  # the first epoch's mini-batches
     if old_logp_source(ctx.cfg) == "recompute":  # all but the first mini-batch: see update_policy
@@ -267,11 +313,21 @@ def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Bat
     if ctx.ref_model is not None:
         ref_logp = reference_logprobs(ctx.ref_model, rollout, ctx)
     sampler.train()
-    # π_old's entropy is the sampler's: the same distribution, and no further pass is needed for it.
+    # π_old's entropy is the sampler's: the same distribution, and no further pass is needed for it
+    # (with trainer.staleness > 0, the behaviour policy's).
     loss_mask = None
     if algo.mask_truncated and rollout.truncated is not None:  # DAPO's overlong filtering (§3.4)
         loss_mask = mask * (~rollout.truncated).to(mask.dtype)[:, None]
-    return Batch(rollout, rewards, advantages, rollout.entropy, order, old, ref_logp, loss_mask), timings
+    return Batch(rollout, scored.rewards, scored.advantages, rollout.entropy, order, old, ref_logp,
+                 loss_mask), timings
+
+
+def collect_rollout(policy, ctx: StepContext, stream: PromptStream) -> tuple[Batch, dict[str, float]]:
+    """Sample and score a batch, then bind it to the policy that sampled it (`trainer.staleness=0`):
+    the advantages, π_old (with the experts it chose), the sampler/trainer gap and log π_ref."""
+    scored, timings = sample_scored(policy, ctx, stream)
+    batch, prepared = prepare_batch(policy, ctx, scored)
+    return batch, {**timings, **scored.metrics, **prepared}
 
 
 def rollout_metrics(batch: Batch, env: DistEnv) -> dict[str, float]:

@@ -139,7 +139,9 @@ def probe_rows(indices: torch.Tensor, ctx: StepContext) -> torch.Tensor:
 def routing_volatility(policy, rollout: Rollout, rows: torch.Tensor, before: list[OldPolicy],
                        ctx: StepContext) -> float:
     """Share of the experts chosen for `rows`' tokens before an optimizer step that the policy
-    after it no longer chooses (GSPO paper §5.3: consecutive policies, same tokens).
+    after it no longer chooses: consecutive policies, same tokens (`routing/volatility`, this
+    project's measure of the GSPO paper's expert volatility, §5.3; docs/metrics.md sets it
+    against the paper's sentence and against `routing/changed_fraction`).
 
     Args:
         rows: the probe's rows of the mini-batch.
@@ -212,6 +214,11 @@ def update_policy(policy, optimizer, scheduler, batch: Batch, ctx: StepContext) 
     applied = tc.num_minibatches * tc.ppo_epochs - skipped - empty
     means = {name: total / applied for name, total in sums.items()} if applied else {
         "loss": float("nan"), "grad_norm": float("nan")}
+    # The clip share among tokens that have a gradient to clip (A ≠ 0): comparable between runs
+    # whose shares of all-equal groups differ. Left out of a step without such tokens.
+    clipped_signal, signal = means.pop("clip/nonzero_adv_share", None), means.get("adv/nonzero_fraction", 0.0)
+    if clipped_signal is not None and signal > 0:
+        means["clip/fraction_nonzero_adv"] = clipped_signal / signal
     return {**means, **volatility_metrics(volatility), "faults/skipped_steps": float(skipped),
             **({"update/empty_minibatches": float(empty)} if ctx.cfg.algo.mask_truncated else {}),
             **{k: v.item() for k, v in mismatch.items()}}
