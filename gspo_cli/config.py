@@ -73,6 +73,11 @@ class WarmStartConfig:
     e.g. `{chain_length: 10, max_new_tokens: 136}`; that one is trained first (or reused from
     the cache) and this one continues from its weights with a fresh optimizer. A `begin_from` key
     inside names that stage's own first stage (short → medium → long)."""
+    balance_coef: float = 0.0
+    """Weight of transformers' own MoE load-balancing loss in the warm start's loss (Qwen3-MoE's
+    `router_aux_loss_coef` with `output_router_logits`; Switch Transformer, eqs. 4–6), as
+    pretrained MoEs are trained: it keeps expert load even and router logits close. 0: off (the
+    plain cross-entropy); MoE models only."""
 
 
 @dataclass

@@ -417,3 +417,31 @@ def test_the_volatility_probe_takes_a_share_of_its_rows_on_each_rank():
         assert torch.equal(probe_rows(rows, ctx), rows[:expected])
     cfg.algo.routing_volatility_rows = 0  # every row
     assert torch.equal(probe_rows(rows, StepContext(cfg, None, None, DistEnv(world_size=8), torch.Generator())), rows)
+
+
+def test_load_balance_of_hand_made_routes():
+    from gspo_cli.models.routing import expert_load, load_balance_metrics
+
+    # 4 experts, top-2. Layer 0: tokens {0,1}, {2,3}, {0,1}, {2,3} -> every expert 2 of 8 choices:
+    # load [1/4] * 4, entropy log 4 / log 4 = 1, largest share 1/4.
+    balanced = torch.tensor([[[0, 1], [2, 3], [0, 1], [2, 3]]])
+    # Layer 1: the same tokens on experts {0,1} only -> load [1/2, 1/2, 0, 0]: entropy log 2 / log 4 = 1/2.
+    halved = torch.tensor([[[0, 1], [1, 0], [0, 1], [1, 0]]])
+    mask = torch.ones(1, 4)
+    assert expert_load([balanced, halved], mask, 4).tolist() == [[0.25] * 4, [0.5, 0.5, 0.0, 0.0]]
+    m = load_balance_metrics([balanced, halved], mask, 4)
+    assert m["routing/load_entropy"] == pytest.approx((1.0 + 0.5) / 2)
+    assert m["routing/max_load_share"] == pytest.approx((0.25 + 0.5) / 2)
+    # Top-1, every token on expert 3: it takes the whole load -> entropy 0, largest share 1.
+    one = load_balance_metrics([torch.full((2, 3, 1), 3)], torch.ones(2, 3), 4)
+    assert one == {"routing/load_entropy": 0.0, "routing/max_load_share": 1.0}
+    # Masked tokens do not count: only token 0's {0, 1} -> load [1/2, 1/2, 0, 0].
+    masked = load_balance_metrics([balanced], torch.tensor([[1.0, 0.0, 0.0, 0.0]]), 4)
+    assert masked == pytest.approx({"routing/load_entropy": 0.5, "routing/max_load_share": 0.5})
+
+
+def test_training_logs_the_expert_load_of_pi_old_routes(tmp_path, cache_dir):
+    records = run_small(tmp_path, cache_dir)
+    for r in records[:2]:  # the test model: 4 experts, top-2; no expert ever takes more than 1/2
+        assert 0.0 < r["routing/load_entropy"] <= 1.0
+        assert 1 / TEST_SPEC.num_experts <= r["routing/max_load_share"] <= 1 / TEST_SPEC.num_experts_per_tok

@@ -1,16 +1,19 @@
 """The supervised warm start: landing near its target, small data files, responses too short."""
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train
+from conftest import TEST_SPEC, compose_train
 from test_train import small_overrides
 
 from gspo_cli.config import TaskConfig, WarmStartConfig
 from gspo_cli.data.tasks import build_task
+from gspo_cli.models.storage import config_hash
 from gspo_cli.rollout.evaluation import greedy_eval
+from gspo_cli.rollout.scoring import positions_from_mask
 from gspo_cli.train.loop import resolve_model_path
 from gspo_cli.train import warmstart
 from gspo_cli.train.warmstart import PROBE_SIZE, probe_and_pool, warm_start
@@ -118,3 +121,68 @@ def test_begin_from_trains_the_easier_warm_start_first_and_continues_from_its_we
     long.model.warm_start.seed = 1  # another cache key, so the stage is not reused
     with pytest.raises(ValueError, match="chain_lenght"):
         warmstart.warm_started_dir(long.model, long.task, tmp_path, 512, build_task(long.task), log=print)
+
+
+def hand_balancing_loss(router_logits: tuple, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Switch Transformer's load-balancing loss as Qwen3-MoE computes it, by hand: over every
+    layer's non-padding tokens, f_e = (top-k choices of expert e) / tokens, P_e = mean router
+    probability of e, loss = E · Σ_e f_e P_e. Balanced (f_e = k/E, P_e = 1/E) it is k."""
+    keep = mask.reshape(-1).bool()
+    E = router_logits[0].shape[-1]
+    choices, probs, tokens = torch.zeros(E), torch.zeros(E), 0
+    for logits in router_logits:
+        p = torch.softmax(logits[keep].float(), -1)  # [tokens, E]
+        choices += torch.nn.functional.one_hot(p.topk(k, -1).indices, E).float().sum((0, 1))
+        probs += p.sum(0)
+        tokens += int(keep.sum())
+    return E * ((choices / tokens) * (probs / tokens)).sum()
+
+
+def test_the_balancing_coefficient_adds_coef_times_the_load_balancing_loss(tiny_model):
+    model, tokenizer = tiny_model
+    task = build_task(TaskConfig(max_operand=99, num_eval=20))
+    ids, mask, labels = warmstart.supervised_batch(tokenizer, task.train[:8])
+    assert (mask == 0).any()  # prompts of different lengths: padding the balancing loss must leave out
+    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
+    before = model(**inputs, labels=labels).loss  # the warm start's loss before the option existed
+    assert torch.equal(warmstart.supervised_loss(model, ids, mask, labels, 0.0), before)  # coef 0: bit for bit
+    with torch.no_grad():
+        out = model(**inputs, output_router_logits=True)
+    aux = hand_balancing_loss(out.router_logits, mask, TEST_SPEC.num_experts_per_tok)
+    assert 2.0 <= aux.item() < 4.0  # k = 2 when balanced, E = 4 when every token picks the same k
+    for coef in (0.1, 0.001):
+        loss = warmstart.supervised_loss(model, ids, mask, labels, coef)
+        assert loss.item() == pytest.approx(before.item() + coef * aux.item(), rel=1e-6)
+    loss = warmstart.supervised_loss(model, ids, mask, labels, 0.1)
+    loss.backward()
+    router = model.model.layers[0].mlp.gate.weight
+    assert router.grad is not None and router.grad.abs().sum() > 0
+
+
+def test_the_warm_start_reports_the_expert_load_and_stores_it_with_the_weights(tmp_path, monkeypatch):
+    # Scripted probe accuracies: the target is met at the first check, so the run is 1 step.
+    monkeypatch.setattr(warmstart, "greedy_eval", lambda *args, **kwargs: ({"eval/accuracy": 0.45}, []))
+    cfg = compose_train(["model=tiny-qwen3-moe", f"cache_dir={tmp_path}", "task.num_eval=20",
+                         "model.warm_start.check_every=1", "model.warm_start.balance_coef=0.01"])
+    lines = []
+    path = warmstart.warm_started_dir(cfg.model, cfg.task, tmp_path, 8, build_task(cfg.task), log=lines.append)
+    stored = json.loads((path / warmstart.METADATA).read_text())
+    assert stored["steps"] == 1 and stored["warm_start"]["balance_coef"] == 0.01
+    assert 0.0 < stored["routing/load_entropy"] <= 1.0
+    assert 1 / 8 <= stored["routing/max_load_share"] <= 1 / 2  # tiny-qwen3-moe: 8 experts, top-2
+    assert any("expert load" in line and "balance_coef 0.01" in line for line in lines), lines
+
+
+def test_the_cache_key_changes_with_the_balancing_coefficient():
+    cfg = compose_train(["experiment=paper"])
+    key = lambda coef: warmstart.warm_start_key(  # noqa: E731
+        "base", dataclasses.replace(cfg.model.warm_start, balance_coef=coef), cfg.task, 48)
+    assert len({key(0.0), key(0.001), key(0.01), key(0.1)}) == 4
+    # At 0 the key is the one of before the option, so warm starts cached then are reused.
+    before = {k: v for k, v in dataclasses.asdict(cfg.model.warm_start).items() if k != "balance_coef"}
+    assert key(0.0) == config_hash("base", before, cfg.task, 48, warmstart.WARM_START_VERSION)
+
+
+def test_the_paper_s_model_is_warm_started_with_the_balancing_loss_and_the_default_model_without():
+    assert compose_train(["experiment=paper"]).model.warm_start.balance_coef > 0
+    assert compose_train([]).model.warm_start.balance_coef == 0  # tiny-qwen3-moe: its cached warm start stays valid

@@ -15,6 +15,7 @@ as the model itself does, so gradients still reach the router.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, Optional
 
 import torch
@@ -71,8 +72,8 @@ class MoERouting:
         self._forced: Optional[Routes] = None
         self._handles = [router.register_forward_hook(self._hook(layer))
                          for layer, router in enumerate(self.routers)]
-        num_experts = max((router.weight.shape[0] for router in self.routers), default=0)
-        self.route_dtype = route_dtype(num_experts)
+        self.num_experts = max((router.weight.shape[0] for router in self.routers), default=0)
+        self.route_dtype = route_dtype(self.num_experts)
 
     @property
     def num_layers(self) -> int:
@@ -208,6 +209,45 @@ def volatility_metrics(per_minibatch: list[float]) -> dict[str, float]:
     metrics = {f"routing/volatility/minibatch_{i}": v for i, v in enumerate(per_minibatch)}
     metrics["routing/volatility"] = sum(per_minibatch) / len(per_minibatch)
     return metrics
+
+
+def expert_load(routes: Routes, mask: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Each layer's expert load: the share of its (token, top-k slot) choices that went to each expert.
+
+    Args:
+        routes: per layer [N, L, k] expert indices.
+        mask: [N, L], 1 on the tokens to count.
+        num_experts: experts per layer.
+
+    Returns:
+        [num_layers, num_experts], each row summing to 1 (0 where no token counts).
+    """
+    loads = []
+    for layer in routes:
+        weights = mask[..., None].expand(layer.shape).reshape(-1).float()  # [N·L·k]
+        counts = torch.zeros(num_experts, device=layer.device).index_add_(0, layer.reshape(-1).long(), weights)
+        loads.append(counts / counts.sum().clamp(min=1.0))
+    return torch.stack(loads)
+
+
+def load_balance_metrics(routes: Routes, mask: torch.Tensor, num_experts: int) -> dict[str, float]:
+    """How evenly the experts share the work (means over layers of `expert_load`'s rows).
+
+    `routing/load_entropy`: the load's entropy over log(num_experts), 1 when every expert takes
+    the same share, 0 when one takes all. `routing/max_load_share`: the largest expert's share,
+    1/num_experts when balanced and at most 1/k under top-k routing (one expert in every token's k).
+
+    Args:
+        routes: per layer [N, L, k] expert indices.
+        mask: [N, L], 1 on the tokens to count.
+        num_experts: experts per layer (at least 2).
+    """
+    if not routes:
+        return {}
+    load = expert_load(routes, mask, num_experts)  # [layers, E]
+    entropy = -torch.xlogy(load, load).sum(-1) / math.log(num_experts)  # 0·log 0 = 0
+    return {"routing/load_entropy": entropy.mean().item(),
+            "routing/max_load_share": load.max(-1).values.mean().item()}
 
 
 def routes_megabytes(routes: Routes) -> float:

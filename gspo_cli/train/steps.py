@@ -19,7 +19,7 @@ from gspo_cli.algo.batch_shaping import informative_groups, overlong_penalty
 from gspo_cli.algo.losses import masked_mean
 from gspo_cli.config import TrainConfig
 from gspo_cli.data.tasks import PromptStream, Task
-from gspo_cli.models.routing import MoERouting, Routes, routes_megabytes
+from gspo_cli.models.routing import MoERouting, Routes, load_balance_metrics, routes_megabytes
 from gspo_cli.rollout.batching import concat_rollouts
 from gspo_cli.rollout.evaluation import greedy_eval
 from gspo_cli.rollout.engines import sample_rollout
@@ -229,6 +229,15 @@ def reference_logprobs(ref_model, rollout: Rollout, ctx: StepContext) -> torch.T
     return rows_logprobs(ref_model, rollout, rows, ctx).logp
 
 
+def predicting_tokens(rollout: Rollout, rows: torch.Tensor) -> torch.Tensor:
+    """[n, P + T] 1 on the tokens of `rows` whose outputs give the response's log-probabilities:
+    from the last prompt token to the one before the last response token (as `routing/changed_fraction` counts)."""
+    T = rollout.response_mask.shape[1]
+    predicting = torch.zeros(rollout.attention_mask[rows].shape, device=rollout.response_mask.device)
+    predicting[:, -T - 1:-1] = rollout.response_mask[rows]
+    return predicting
+
+
 class Scored(NamedTuple):
     """A sampled, scored rollout batch with its advantages: what does not depend on the policy
     that trains on it (N = this rank's prompts × G). `trainer.staleness` queues these (`stale.py`)."""
@@ -297,6 +306,7 @@ def prepare_batch(policy, ctx: StepContext, scored: Scored) -> tuple[Batch, dict
         old = OldPolicy(torch.arange(mask.shape[0], device=mask.device), rollout.logp, rollout.routes)
     if old.routes is not None:
         timings["routing/replay_cache_mb"] = routes_megabytes(old.routes)
+        timings.update(load_balance_metrics(old.routes, predicting_tokens(rollout, old.rows), ctx.routing.num_experts))
     timings["time/old_logp_s"] = time.perf_counter() - start
 
     ref_logp = None

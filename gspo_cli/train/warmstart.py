@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -20,10 +21,11 @@ from typing import Callable
 
 import torch
 
-from gspo_cli.config import ModelConfig, TaskConfig
+from gspo_cli.config import ModelConfig, TaskConfig, WarmStartConfig
 from gspo_cli.data.tasks import Problem, Task, build_task
 from gspo_cli.models.build import built_model_dir
 from gspo_cli.models.loading import load_model, load_tokenizer
+from gspo_cli.models.routing import MoERouting, is_moe, load_balance_metrics
 from gspo_cli.models.storage import config_hash, write_dir_atomically
 from gspo_cli.rollout.evaluation import greedy_eval
 from gspo_cli.rollout.scoring import positions_from_mask
@@ -33,6 +35,7 @@ PROBE_SIZE = 512  # training problems used to decide when to stop (accuracy ±2.
 # 2: landing nearest the target, checked every step after the first crossing (issue 18).
 # 3: a probe of 512 problems left out of training, a check within `tolerance` ends it (issue 18).
 WARM_START_VERSION = 3
+METADATA = "warm_start.json"  # in the cached directory: the summary below, its seconds and its settings
 
 
 def supervised_batch(tokenizer, problems: list[Problem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,7 +120,7 @@ def warm_start(model, tokenizer, task: Task, cfg, max_new_tokens: int, log: Call
 
     def train_step() -> float:
         ids, mask, labels = supervised_batch(tokenizer, rng.sample(pool, batch_size))
-        loss = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), labels=labels).loss
+        loss = supervised_loss(model, ids, mask, labels, cfg.balance_coef)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -147,7 +150,59 @@ def warm_start(model, tokenizer, task: Task, cfg, max_new_tokens: int, log: Call
     held_out = greedy_eval(model, tokenizer, task, task.eval, max_new_tokens)[0]["eval/accuracy"]
     log(f"warm start: landed at step {step}, probe accuracy {accuracy:.3f} (target {cfg.target_accuracy}), "
         f"held-out (base) accuracy {held_out:.3f}")
-    return {"steps": step, "probe_accuracy": accuracy, "heldout_accuracy": held_out}
+    summary = {"steps": step, "probe_accuracy": accuracy, "heldout_accuracy": held_out}
+    if is_moe(model):
+        balance = answer_load_balance(model, tokenizer, probe)
+        log(f"warm start: expert load on the probe's answers: entropy {balance['routing/load_entropy']:.3f} of "
+            f"log(num_experts), largest expert's share {balance['routing/max_load_share']:.3f} "
+            f"(balance_coef {cfg.balance_coef})")
+        summary.update(balance)
+    return summary
+
+
+def supervised_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                    balance_coef: float) -> torch.Tensor:
+    """The warm start's loss on one batch ([B, S] each): the cross-entropy of the labels, plus
+    `balance_coef` × the model's own load-balancing loss (transformers' `load_balancing_loss_func`
+    over every layer's router logits, padding left out) when `balance_coef` > 0.
+
+    The sum is transformers' (`Qwen3MoeForCausalLM.forward` adds `router_aux_loss_coef × aux_loss` to
+    the loss when asked for `output_router_logits`), with the coefficient set on the model; its
+    config records it, so the saved warm start says what trained it."""
+    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), labels=labels)
+    if balance_coef <= 0:
+        return model(**inputs).loss
+    if not hasattr(model, "router_aux_loss_coef"):
+        raise ValueError(f"model.warm_start.balance_coef={balance_coef}: {type(model).__name__} has no "
+                         "load-balancing loss (an MoE model such as Qwen3-MoE has); set it to 0")
+    model.router_aux_loss_coef = model.config.router_aux_loss_coef = balance_coef
+    return model(**inputs, output_router_logits=True).loss
+
+
+@torch.no_grad()
+def answer_load_balance(model, tokenizer, problems: list[Problem], batch_size: int = 64) -> dict[str, float]:
+    """`load_balance_metrics` of the experts chosen on the tokens that predict the problems' reference
+    answers (teacher-forced: the last prompt token to the one before the end token), the positions
+    whose routes RL's `routing/load_entropy` counts in sampled responses."""
+    routing = MoERouting(model)
+    was_training = model.training
+    model.eval()
+    routes, masks = [], []  # per batch: per layer [B·S, k]; [B·S]
+    try:
+        for i in range(0, len(problems), batch_size):
+            ids, mask, labels = supervised_batch(tokenizer, problems[i:i + batch_size])
+            with routing.capture() as captured:
+                model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
+            predicting = torch.zeros_like(mask)
+            predicting[:, :-1] = labels[:, 1:] != -100  # position t predicts the label at t + 1
+            routes.append(list(captured))
+            masks.append(predicting.reshape(-1))
+    finally:
+        routing.remove()
+        model.train(was_training)
+    # Batches differ in width: their tokens are laid end to end as one row, [1, tokens(, k)].
+    joined = [torch.cat(layer)[None] for layer in zip(*routes)]
+    return load_balance_metrics(joined, torch.cat(masks)[None], routing.num_experts)
 
 
 def land(before: Snapshot, crossed_at: int, train_step: Callable[[], float], probe_accuracy: Callable[[], float],
@@ -188,13 +243,22 @@ def earlier_stage(model_cfg: ModelConfig, task_cfg: TaskConfig,
             earlier_tokens)
 
 
+def warm_start_key(base_name: str, ws: WarmStartConfig, task_cfg: TaskConfig, max_new_tokens: int) -> str:
+    """The cache key of a warm start: every setting that changes the weights it lands on.
+    `balance_coef` was added later: left out at 0, so warm starts cached before it stay valid."""
+    settings = dataclasses.asdict(ws)
+    if settings["balance_coef"] == 0:
+        del settings["balance_coef"]
+    return config_hash(base_name, settings, task_cfg, max_new_tokens, WARM_START_VERSION)
+
+
 def warm_started_dir(model_cfg: ModelConfig, task_cfg: TaskConfig, cache_dir: Path, max_new_tokens: int,
                      task: Task, log: Callable[[str], None] = print) -> Path:
     """The cached warm-started model directory for this configuration, trained on first use."""
     base = built_model_dir(model_cfg, cache_dir)
     if not model_cfg.warm_start.enabled:
         return base
-    key = config_hash(base.name, model_cfg.warm_start, task_cfg, max_new_tokens, WARM_START_VERSION)
+    key = warm_start_key(base.name, model_cfg.warm_start, task_cfg, max_new_tokens)
     target = cache_dir / "warmstart" / f"{model_cfg.name}-{task_cfg.name}-{key}"
     if (target / "config.json").exists():
         log(f"warm start: reusing {target}")
@@ -213,8 +277,12 @@ def warm_started_dir(model_cfg: ModelConfig, task_cfg: TaskConfig, cache_dir: Pa
     summary = warm_start(model, tokenizer, task, model_cfg.warm_start, max_new_tokens, log)
     log(f"warm start: done in {time.perf_counter() - began:.0f}s, {summary}")
 
+    summary["seconds"] = round(time.perf_counter() - began, 1)
+    summary["warm_start"] = dataclasses.asdict(model_cfg.warm_start)
+
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / METADATA).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
 
     return write_dir_atomically(target, write)
