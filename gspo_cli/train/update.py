@@ -215,9 +215,13 @@ def update_policy(policy, optimizer, scheduler, batch: Batch, ctx: StepContext) 
     means = {name: total / applied for name, total in sums.items()} if applied else {
         "loss": float("nan"), "grad_norm": float("nan")}
     # The clip share among tokens that have a gradient to clip (A ≠ 0): comparable between runs
-    # whose shares of all-equal groups differ. Left out of a step without such tokens.
-    clipped_signal, signal = means.pop("clip/nonzero_adv_share", None), means.get("adv/nonzero_fraction", 0.0)
-    if clipped_signal is not None and signal > 0:
+    # whose shares of all-equal groups differ. From the sums over all ranks, so every rank logs
+    # the same keys (a rank whose groups all agreed has no such token of its own: reduce_over_ranks
+    # then gets one metric fewer from it, a collective of another size) and the share is the batch's.
+    shares = torch.tensor([means.pop("clip/nonzero_adv_share", 0.0), means.get("adv/nonzero_fraction", 0.0)],
+                          dtype=torch.float64)
+    clipped_signal, signal = all_reduce_sum(shares, ctx.env).tolist()
+    if signal > 0:  # on every rank alike; left out of a step whose batch has no such token
         means["clip/fraction_nonzero_adv"] = clipped_signal / signal
     return {**means, **volatility_metrics(volatility), "faults/skipped_steps": float(skipped),
             **({"update/empty_minibatches": float(empty)} if ctx.cfg.algo.mask_truncated else {}),
