@@ -87,7 +87,8 @@ def single(tiny_model_dir, global_batch):
 
 
 @pytest.mark.parametrize("strategy, loss, loss_agg", [
-    ("ddp", "gspo", "seq-mean-token-mean"),
+    # DDP's plain update is also the scale-path test's DDP case (with micro-batches): slow here, 15 s
+    pytest.param("ddp", "gspo", "seq-mean-token-mean", marks=pytest.mark.slow),
     ("fsdp", "gspo", "seq-mean-token-mean"),
     ("ddp", "grpo", "token-mean"),  # DAPO's and CISPO's normalisation: by the tokens of both ranks
 ])
