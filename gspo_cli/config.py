@@ -78,6 +78,11 @@ class WarmStartConfig:
     `router_aux_loss_coef` with `output_router_logits`; Switch Transformer, eqs. 4–6), as
     pretrained MoEs are trained: it keeps expert load even and router logits close. 0: off (the
     plain cross-entropy); MoE models only."""
+    balance_scope: str = "pooled"
+    """Whose load `balance_coef` evens. `pooled`: transformers' loss, every layer's choices counted
+    together (even overall, each layer free to favour its own experts); `layer`: the same loss on
+    each layer's choices, mean over layers, as Megatron-LM adds one in every MoE layer's router
+    (each layer's load even). Both are k when balanced, so a coefficient means the same in either."""
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Routing capture, replay and the changed-fraction metric on the tiny Qwen3-MoE."""
 
+import math
+
 import pytest
 import torch
 from conftest import TEST_SPEC
@@ -438,6 +440,24 @@ def test_load_balance_of_hand_made_routes():
     # Masked tokens do not count: only token 0's {0, 1} -> load [1/2, 1/2, 0, 0].
     masked = load_balance_metrics([balanced], torch.tensor([[1.0, 0.0, 0.0, 0.0]]), 4)
     assert masked == pytest.approx({"routing/load_entropy": 0.5, "routing/max_load_share": 0.5})
+
+
+def test_pooled_load_balance_counts_every_layer_s_choices_together():
+    from gspo_cli.models.routing import load_balance_metrics, pooled_load_balance_metrics
+
+    # 4 experts, top-2, two layers each on two experts of their own: each layer's load is uneven
+    # (entropy 1/2, largest share 1/2) while the pooled load is even (entropy 1, largest share 1/4).
+    first, second = torch.tensor([[[0, 1], [1, 0], [0, 2]]]), torch.tensor([[[2, 3], [3, 2], [3, 2]]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third token does not count
+    assert load_balance_metrics([first, second], mask, 4) == pytest.approx(
+        {"routing/load_entropy": 0.5, "routing/max_load_share": 0.5})
+    assert pooled_load_balance_metrics([first, second], mask, 4) == pytest.approx(
+        {"routing/load_entropy_pooled": 1.0, "routing/max_load_share_pooled": 0.25})
+    # Three layers, two on experts {0, 1}: load [1/3, 1/3, 1/6, 1/6].
+    load = torch.tensor([1 / 3, 1 / 3, 1 / 6, 1 / 6])
+    three = pooled_load_balance_metrics([first, first, second], mask, 4)
+    assert three["routing/load_entropy_pooled"] == pytest.approx(float(-(load * load.log()).sum() / math.log(4)))
+    assert three["routing/max_load_share_pooled"] == pytest.approx(1 / 3)
 
 
 def test_training_logs_the_expert_load_of_pi_old_routes(tmp_path, cache_dir):

@@ -159,6 +159,41 @@ def test_the_balancing_coefficient_adds_coef_times_the_load_balancing_loss(tiny_
     assert router.grad is not None and router.grad.abs().sum() > 0
 
 
+def test_the_per_layer_scope_adds_the_mean_of_each_layer_s_balancing_loss(tiny_model):
+    model, tokenizer = tiny_model
+    task = build_task(TaskConfig(max_operand=99, num_eval=20))
+    ids, mask, labels = warmstart.supervised_batch(tokenizer, task.train[:8])
+    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
+    cross_entropy = model(**inputs, labels=labels).loss
+    with torch.no_grad():
+        out = model(**inputs, output_router_logits=True)
+    k = TEST_SPEC.num_experts_per_tok
+    per_layer = torch.stack([hand_balancing_loss((logits,), mask, k) for logits in out.router_logits]).mean()
+    pooled = hand_balancing_loss(out.router_logits, mask, k)
+    assert per_layer.item() > pooled.item() + 1e-3  # layers favouring different experts: the two differ
+    loss = warmstart.supervised_loss(model, ids, mask, labels, 0.1, "layer")
+    assert loss.item() == pytest.approx(cross_entropy.item() + 0.1 * per_layer.item(), rel=1e-6)
+    # The model's own coefficient is back to pooled use afterwards: pooled still adds the pooled loss.
+    loss = warmstart.supervised_loss(model, ids, mask, labels, 0.1, "pooled")
+    assert loss.item() == pytest.approx(cross_entropy.item() + 0.1 * pooled.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="balance_scope"):
+        warmstart.supervised_loss(model, ids, mask, labels, 0.1, "layers")
+
+
+def test_an_unknown_balancing_scope_fails_before_the_warm_start_trains(tmp_path, monkeypatch):
+    monkeypatch.setattr(warmstart, "warm_start", lambda *args, **kwargs: pytest.fail("trained"))
+    cfg = compose_train(["model=tiny-qwen3-moe", f"cache_dir={tmp_path}", "model.warm_start.balance_scope=layers"])
+    with pytest.raises(ValueError, match="balance_scope='layers'"):
+        warmstart.warm_started_dir(cfg.model, cfg.task, tmp_path, 8, build_task(cfg.task), log=print)
+
+
+def test_the_top_k_margin_is_the_gap_between_the_k_th_and_the_next_router_logit():
+    logits = torch.tensor([[3.0, 1.0, 2.0, 0.0],   # top 2: 3, 2; next 1 -> 1
+                           [0.5, 0.4, 0.1, 0.45]])  # top 2: 0.5, 0.45; next 0.4 -> 0.05
+    assert torch.allclose(warmstart.topk_margin(logits, 2), torch.tensor([1.0, 0.05]))
+    assert torch.allclose(warmstart.topk_margin(logits, 1), torch.tensor([1.0, 0.05]))
+
+
 def test_the_warm_start_reports_the_expert_load_and_stores_it_with_the_weights(tmp_path, monkeypatch):
     # Scripted probe accuracies: the target is met at the first check, so the run is 1 step.
     monkeypatch.setattr(warmstart, "greedy_eval", lambda *args, **kwargs: ({"eval/accuracy": 0.45}, []))
@@ -170,6 +205,9 @@ def test_the_warm_start_reports_the_expert_load_and_stores_it_with_the_weights(t
     assert stored["steps"] == 1 and stored["warm_start"]["balance_coef"] == 0.01
     assert 0.0 < stored["routing/load_entropy"] <= 1.0
     assert 1 / 8 <= stored["routing/max_load_share"] <= 1 / 2  # tiny-qwen3-moe: 8 experts, top-2
+    assert 0.0 < stored["routing/topk_margin_p10"] < stored["routing/topk_margin_median"]
+    # The mean of the layers' loads is at least as even as the layers on average (entropy is concave).
+    assert stored["routing/load_entropy_pooled"] >= stored["routing/load_entropy"] - 1e-6
     assert any("expert load" in line and "balance_coef 0.01" in line for line in lines), lines
 
 
@@ -179,8 +217,17 @@ def test_the_cache_key_changes_with_the_balancing_coefficient():
         "base", dataclasses.replace(cfg.model.warm_start, balance_coef=coef), cfg.task, 48)
     assert len({key(0.0), key(0.001), key(0.01), key(0.1)}) == 4
     # At 0 the key is the one of before the option, so warm starts cached then are reused.
-    before = {k: v for k, v in dataclasses.asdict(cfg.model.warm_start).items() if k != "balance_coef"}
+    before = {k: v for k, v in dataclasses.asdict(cfg.model.warm_start).items()
+              if k not in ("balance_coef", "balance_scope")}
     assert key(0.0) == config_hash("base", before, cfg.task, 48, warmstart.WARM_START_VERSION)
+    # The scope likewise: left out at `pooled` (keys of before it stay valid) and wherever the coefficient is 0.
+    scoped = lambda coef, scope: warmstart.warm_start_key(  # noqa: E731
+        "base", dataclasses.replace(cfg.model.warm_start, balance_coef=coef, balance_scope=scope), cfg.task, 48)
+    pooled = {k: v for k, v in dataclasses.asdict(cfg.model.warm_start).items() if k != "balance_scope"}
+    pooled["balance_coef"] = 0.1
+    assert scoped(0.1, "pooled") == config_hash("base", pooled, cfg.task, 48, warmstart.WARM_START_VERSION)
+    assert scoped(0.1, "layer") != scoped(0.1, "pooled")
+    assert scoped(0.0, "layer") == key(0.0)
 
 
 def test_the_paper_s_model_is_warm_started_with_the_balancing_loss_and_the_default_model_without():

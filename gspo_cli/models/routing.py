@@ -73,6 +73,7 @@ class MoERouting:
         self._handles = [router.register_forward_hook(self._hook(layer))
                          for layer, router in enumerate(self.routers)]
         self.num_experts = max((router.weight.shape[0] for router in self.routers), default=0)
+        self.top_k = max((router.top_k for router in self.routers), default=0)
         self.route_dtype = route_dtype(self.num_experts)
 
     @property
@@ -248,6 +249,19 @@ def load_balance_metrics(routes: Routes, mask: torch.Tensor, num_experts: int) -
     entropy = -torch.xlogy(load, load).sum(-1) / math.log(num_experts)  # 0·log 0 = 0
     return {"routing/load_entropy": entropy.mean().item(),
             "routing/max_load_share": load.max(-1).values.mean().item()}
+
+
+def pooled_load_balance_metrics(routes: Routes, mask: torch.Tensor, num_experts: int) -> dict[str, float]:
+    """`load_balance_metrics` of every layer's choices counted together, as one layer's (keys with
+    a `_pooled` suffix): the load transformers' MoE balancing loss evens, which layers that each
+    favour other experts can leave even while each layer's own load is not.
+
+    Args: as `load_balance_metrics`.
+    """
+    if not routes:
+        return {}
+    together = load_balance_metrics([torch.cat(routes, dim=1)], mask.repeat(1, len(routes)), num_experts)
+    return {f"{key}_pooled": value for key, value in together.items()}
 
 
 def routes_megabytes(routes: Routes) -> float:

@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import json
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from gspo_cli.config import ModelConfig, TaskConfig, WarmStartConfig
 from gspo_cli.data.tasks import Problem, Task, build_task
 from gspo_cli.models.build import built_model_dir
 from gspo_cli.models.loading import load_model, load_tokenizer
-from gspo_cli.models.routing import MoERouting, is_moe, load_balance_metrics
+from gspo_cli.models.routing import MoERouting, is_moe, load_balance_metrics, pooled_load_balance_metrics
 from gspo_cli.models.storage import config_hash, write_dir_atomically
 from gspo_cli.rollout.evaluation import greedy_eval
 from gspo_cli.rollout.scoring import positions_from_mask
@@ -120,7 +121,7 @@ def warm_start(model, tokenizer, task: Task, cfg, max_new_tokens: int, log: Call
 
     def train_step() -> float:
         ids, mask, labels = supervised_batch(tokenizer, rng.sample(pool, batch_size))
-        loss = supervised_loss(model, ids, mask, labels, cfg.balance_coef)
+        loss = supervised_loss(model, ids, mask, labels, cfg.balance_coef, cfg.balance_scope)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -160,23 +161,48 @@ def warm_start(model, tokenizer, task: Task, cfg, max_new_tokens: int, log: Call
     return summary
 
 
-def supervised_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
-                    balance_coef: float) -> torch.Tensor:
-    """The warm start's loss on one batch ([B, S] each): the cross-entropy of the labels, plus
-    `balance_coef` × the model's own load-balancing loss (transformers' `load_balancing_loss_func`
-    over every layer's router logits, padding left out) when `balance_coef` > 0.
+BALANCE_SCOPES = ("pooled", "layer")
 
-    The sum is transformers' (`Qwen3MoeForCausalLM.forward` adds `router_aux_loss_coef × aux_loss` to
-    the loss when asked for `output_router_logits`), with the coefficient set on the model; its
-    config records it, so the saved warm start says what trained it."""
+
+def supervised_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                    balance_coef: float, balance_scope: str = "pooled") -> torch.Tensor:
+    """The warm start's loss on one batch ([B, S] each): the cross-entropy of the labels, plus
+    `balance_coef` × a load-balancing loss when `balance_coef` > 0: transformers' own
+    `load_balancing_loss_func` over every layer's router logits together (`pooled`) or the same
+    function on each layer's logits alone, mean over layers (`layer`); padding left out.
+
+    `pooled` is transformers' sum (`Qwen3MoeForCausalLM.forward` adds `router_aux_loss_coef ×
+    aux_loss` when asked for `output_router_logits`), with the coefficient set on the model. Under
+    `layer` the model adds nothing (its coefficient 0 during the call) and the per-layer mean is
+    added here. The config records the coefficient, so the saved warm start says what trained it."""
     inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), labels=labels)
     if balance_coef <= 0:
         return model(**inputs).loss
+    if balance_scope not in BALANCE_SCOPES:
+        raise ValueError(f"model.warm_start.balance_scope={balance_scope!r}: expected one of {BALANCE_SCOPES}")
     if not hasattr(model, "router_aux_loss_coef"):
         raise ValueError(f"model.warm_start.balance_coef={balance_coef}: {type(model).__name__} has no "
                          "load-balancing loss (an MoE model such as Qwen3-MoE has); set it to 0")
-    model.router_aux_loss_coef = model.config.router_aux_loss_coef = balance_coef
-    return model(**inputs, output_router_logits=True).loss
+    model.config.router_aux_loss_coef = balance_coef
+    if balance_scope == "pooled":
+        model.router_aux_loss_coef = balance_coef
+        return model(**inputs, output_router_logits=True).loss
+    model.router_aux_loss_coef = 0.0  # the forward's loss is then the cross-entropy alone
+    out = model(**inputs, output_router_logits=True)
+    balancing = load_balancing_loss_func(type(model))
+    num_experts, top_k = model.config.num_experts, model.config.num_experts_per_tok
+    per_layer = [balancing((logits,), num_experts, top_k, mask) for logits in out.router_logits]
+    return out.loss + balance_coef * torch.stack(per_layer).mean()
+
+
+def load_balancing_loss_func(model_class: type) -> Callable:
+    """transformers' Switch Transformer balancing loss from the module that defines `model_class`
+    (every MoE model family of transformers has its own copy, e.g. Qwen3-MoE's)."""
+    module = sys.modules[model_class.__module__]
+    if not hasattr(module, "load_balancing_loss_func"):
+        raise ValueError(f"model.warm_start.balance_scope=layer: {model_class.__name__}'s module has no "
+                         "load_balancing_loss_func; use balance_scope=pooled")
+    return module.load_balancing_loss_func
 
 
 @torch.no_grad()
@@ -187,22 +213,39 @@ def answer_load_balance(model, tokenizer, problems: list[Problem], batch_size: i
     routing = MoERouting(model)
     was_training = model.training
     model.eval()
-    routes, masks = [], []  # per batch: per layer [B·S, k]; [B·S]
+    routes, masks, margins = [], [], []  # per batch: per layer [B·S, k]; [B·S]; [layers, counted tokens]
     try:
         for i in range(0, len(problems), batch_size):
             ids, mask, labels = supervised_batch(tokenizer, problems[i:i + batch_size])
             with routing.capture() as captured:
-                model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
+                out = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                            output_router_logits=True)
             predicting = torch.zeros_like(mask)
             predicting[:, :-1] = labels[:, 1:] != -100  # position t predicts the label at t + 1
             routes.append(list(captured))
             masks.append(predicting.reshape(-1))
+            counted = predicting.reshape(-1).bool()
+            margins.append(torch.stack([topk_margin(logits[counted], routing.top_k) for logits in out.router_logits]))
     finally:
         routing.remove()
         model.train(was_training)
     # Batches differ in width: their tokens are laid end to end as one row, [1, tokens(, k)].
     joined = [torch.cat(layer)[None] for layer in zip(*routes)]
-    return load_balance_metrics(joined, torch.cat(masks)[None], routing.num_experts)
+    metrics = load_balance_metrics(joined, torch.cat(masks)[None], routing.num_experts)
+    metrics.update(pooled_load_balance_metrics(joined, torch.cat(masks)[None], routing.num_experts))
+    margin = torch.cat(margins, dim=1).float()
+    metrics["routing/topk_margin_median"] = margin.median().item()
+    metrics["routing/topk_margin_p10"] = margin.quantile(0.1).item()
+    return metrics
+
+
+def topk_margin(router_logits: torch.Tensor, k: int) -> torch.Tensor:
+    """How far each token's routing is from a change of expert: the k-th largest router logit
+    minus the (k+1)-th ([tokens, E] -> [tokens]). An update flips a choice only where it moves
+    these two logits past each other, so the smaller the margins, the more routes one update
+    changes (the volatility of the GSPO paper's §5.3)."""
+    top = router_logits.float().topk(k + 1, dim=-1).values
+    return top[:, k - 1] - top[:, k]
 
 
 def land(before: Snapshot, crossed_at: int, train_step: Callable[[], float], probe_accuracy: Callable[[], float],
@@ -245,8 +288,11 @@ def earlier_stage(model_cfg: ModelConfig, task_cfg: TaskConfig,
 
 def warm_start_key(base_name: str, ws: WarmStartConfig, task_cfg: TaskConfig, max_new_tokens: int) -> str:
     """The cache key of a warm start: every setting that changes the weights it lands on.
-    `balance_coef` was added later: left out at 0, so warm starts cached before it stay valid."""
+    `balance_coef` was added later: left out at 0, so warm starts cached before it stay valid;
+    `balance_scope` likewise at `pooled` (and wherever the coefficient is 0, which makes it moot)."""
     settings = dataclasses.asdict(ws)
+    if settings["balance_scope"] == "pooled" or settings["balance_coef"] == 0:
+        del settings["balance_scope"]  # added after `balance_coef`: left out at its default, as that one at 0
     if settings["balance_coef"] == 0:
         del settings["balance_coef"]
     return config_hash(base_name, settings, task_cfg, max_new_tokens, WARM_START_VERSION)
@@ -258,6 +304,9 @@ def warm_started_dir(model_cfg: ModelConfig, task_cfg: TaskConfig, cache_dir: Pa
     base = built_model_dir(model_cfg, cache_dir)
     if not model_cfg.warm_start.enabled:
         return base
+    if model_cfg.warm_start.balance_scope not in BALANCE_SCOPES:  # before a cached key is looked up or trained
+        raise ValueError(f"model.warm_start.balance_scope={model_cfg.warm_start.balance_scope!r}: "
+                         f"expected one of {BALANCE_SCOPES}")
     key = warm_start_key(base.name, model_cfg.warm_start, task_cfg, max_new_tokens)
     target = cache_dir / "warmstart" / f"{model_cfg.name}-{task_cfg.name}-{key}"
     if (target / "config.json").exists():
