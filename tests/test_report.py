@@ -333,6 +333,12 @@ def test_report_states_intervals_n_and_paired_comparisons_against_the_baseline(t
         (-0.12622, 0.32622), abs=1e-5)
     token_row = next(line for line in table.splitlines() if line.startswith("│ gspo-token"))
     assert "n=1: no interval" in token_row  # one shared seed: no interval over seeds
+    # Holm over the report's two comparisons: gspo-token t = 1 on 9 df, p = 0.343436; grpo's smaller
+    # p doubled, 0.045216; the larger kept (at least the smaller's adjusted value).
+    assert float(token["vs_baseline_p"]) == pytest.approx(0.343436, abs=1e-6)
+    assert float(grpo["vs_baseline_p_holm"]) == pytest.approx(2 * 0.022608, abs=2e-6)
+    assert float(token["vs_baseline_p_holm"]) == pytest.approx(0.343436, abs=1e-6)
+    assert "0.0452" in grpo_row and "the 2 comparisons (Holm)" in " ".join(text.split())
     assert rows["0"]["vs_baseline_diff"] == "" and rows["0"]["baseline"] == "gspo"  # the baseline itself
     # the clip share over tokens with a non-zero advantage and the share of all-equal groups, per run and group
     assert float(rows["0"]["mean_clip_fraction_nonzero_adv"]) == pytest.approx(0.03)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from gspo_cli.report.stats import (mean_interval, normal_quantile, paired_difference, regularized_beta,
+from gspo_cli.report.stats import (holm_adjusted, mean_interval, normal_quantile, paired_difference, regularized_beta,
                                    t_quantile, t_two_sided_p, wilson_interval)
 
 
@@ -86,3 +86,11 @@ def test_paired_difference_without_spread_or_pairs():
     assert (single.diff, single.low, single.p, single.n) == (1.0, None, None, 1)
     with pytest.raises(ValueError, match="equal lengths"):
         paired_difference([1, 0], [1])
+
+
+def test_holm_adjustment_by_hand():
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1: 0.02, 0.03, 0.06, 0.04 -> running max 0.02, 0.03, 0.06, 0.06
+    assert holm_adjusted([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm_adjusted([0.2, 0.7]) == pytest.approx([0.4, 0.7])
+    assert holm_adjusted([0.6, 0.5]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert holm_adjusted([0.03]) == [0.03] and holm_adjusted([]) == []

@@ -200,3 +200,20 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     se = sd / math.sqrt(n)
     half = t_quantile(0.5 + confidence / 2.0, n - 1) * se
     return PairedDifference(mean, mean - half, mean + half, t_two_sided_p(mean / se, n - 1), n, a_only, b_only)
+
+
+def holm_adjusted(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of m p-values (Holm 1979), in the order given: sorted
+    p_(1) ≤ … ≤ p_(m), the i-th smallest becomes max over j ≤ i of min(1, (m − j + 1)·p_(j)).
+    Reading the adjusted values against 0.05 keeps the chance of any false "significant" among
+    all m comparisons at 5%; read one by one, m comparisons give about 0.05·m by chance alone
+    (18 against one baseline: about one). Valid whatever the comparisons' dependence.
+    Reference: [0.01, 0.04, 0.03, 0.005] → [0.03, 0.06, 0.06, 0.02].
+    """
+    m = len(p_values)
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from gspo_cli.report.eval_records import EvalCorrect
-from gspo_cli.report.stats import Interval, PairedDifference, mean_interval, paired_difference
+from gspo_cli.report.stats import Interval, PairedDifference, holm_adjusted, mean_interval, paired_difference
 
 COLLAPSED = "collapsed"  # the threshold rule, and the drop's 95% interval below 0
 WITHIN_NOISE = "drop within noise"  # the threshold rule, but the drop's interval includes 0
@@ -109,6 +109,8 @@ class Comparison:
     """Mean of the per-seed differences of final accuracy, t interval from 2 seeds on."""
     note: str = ""
     """Why a part is missing."""
+    p_holm: Optional[float] = None
+    """`problems.p` adjusted by Holm's method over every comparison of the report that has one."""
 
 
 @dataclass
@@ -190,6 +192,9 @@ def group_stats(groups: dict[str, list[Any]], final_correct: dict[str, EvalCorre
                 g.comparison = (compare(runs, groups[partner], final_correct, partner) if partner is not None
                                 else Comparison("", [], note=f"no {key}={value} group at these settings"))
         stats.append(g)
+    tested = [g.comparison for g in stats if g.comparison and g.comparison.problems and g.comparison.problems.p is not None]
+    for comparison, adjusted in zip(tested, holm_adjusted([c.problems.p for c in tested])):
+        comparison.p_holm = adjusted
     return (None if chosen is None else f"{chosen[0]}={chosen[1]}"), stats
 
 
@@ -207,6 +212,7 @@ def group_columns(stats: list[GroupStats], groups: dict[str, list[Any]], baselin
             "baseline": (g.label if g.is_baseline else c.baseline if c else "") if baseline else "",
             "vs_baseline_diff": p.diff if p else None, "vs_baseline_ci_low": p.low if p else None,
             "vs_baseline_ci_high": p.high if p else None, "vs_baseline_p": p.p if p else None,
+            "vs_baseline_p_holm": c.p_holm if c else None,
             "vs_baseline_pairs": p.n if p else None, "vs_baseline_seeds": len(c.seeds) if c else None,
             "vs_baseline_seed_ci_low": c.over_seeds.low if c and c.over_seeds else None,
             "vs_baseline_seed_ci_high": c.over_seeds.high if c and c.over_seeds else None,
@@ -234,9 +240,11 @@ def comparison_table(stats: list[GroupStats], baseline: str):
     """Rich table: each group against the baseline at its other settings."""
     from rich.table import Table
 
+    tested = sum(g.comparison is not None and g.comparison.p_holm is not None for g in stats)
     table = Table(title=f"against the baseline {baseline} at the same other settings: final accuracy "
-                        "difference, paired per (seed, problem); 95% intervals")
-    for name in ("group", "baseline", "seeds", "Δ acc [95% CI] pairs", "p", "only this / only baseline right",
+                        "difference, paired per (seed, problem); 95% intervals; p Holm: p adjusted for the "
+                        f"{tested} comparisons (Holm), the one to read when several are made")
+    for name in ("group", "baseline", "seeds", "Δ acc [95% CI] pairs", "p", "p Holm", "only this / only baseline right",
                  "Δ over seeds [95% t-CI] n"):
         table.add_column(name, justify="left" if name in ("group", "baseline") else "right")
     for g in stats:
@@ -246,6 +254,7 @@ def comparison_table(stats: list[GroupStats], baseline: str):
         p = c.problems
         table.add_row(g.label, c.baseline or "–", str(len(c.seeds)), fmt_interval(p),
                       "–" if p is None or p.p is None else f"{p.p:.3g}",
+                      "–" if c.p_holm is None else f"{c.p_holm:.3g}",
                       "–" if p is None else f"{p.a_only} / {p.b_only}",
                       fmt_interval(c.over_seeds, signed=True) if c.over_seeds and c.over_seeds.n > 1 else
                       ("n=1: no interval" if c.over_seeds else "–"))
