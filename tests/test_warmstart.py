@@ -192,6 +192,11 @@ def test_the_top_k_margin_is_the_gap_between_the_k_th_and_the_next_router_logit(
                            [0.5, 0.4, 0.1, 0.45]])  # top 2: 0.5, 0.45; next 0.4 -> 0.05
     assert torch.allclose(warmstart.topk_margin(logits, 2), torch.tensor([1.0, 0.05]))
     assert torch.allclose(warmstart.topk_margin(logits, 1), torch.tensor([1.0, 0.05]))
+    # Sorted 0.001, 0.005, 0.02, 0.5, 1.0: median 0.02; 10th percentile at position 0.4: 0.001 + 0.4 · 0.004;
+    # 2 of 5 below 0.01.
+    stats = warmstart.margin_metrics(torch.tensor([[0.5, 0.005, 1.0, 0.02, 0.001]]))
+    assert stats == pytest.approx({"routing/topk_margin_median": 0.02, "routing/topk_margin_p10": 0.0026,
+                                   "routing/near_tie_share": 0.4})
 
 
 def test_the_warm_start_reports_the_expert_load_and_stores_it_with_the_weights(tmp_path, monkeypatch):
@@ -206,6 +211,9 @@ def test_the_warm_start_reports_the_expert_load_and_stores_it_with_the_weights(t
     assert 0.0 < stored["routing/load_entropy"] <= 1.0
     assert 1 / 8 <= stored["routing/max_load_share"] <= 1 / 2  # tiny-qwen3-moe: 8 experts, top-2
     assert 0.0 < stored["routing/topk_margin_p10"] < stored["routing/topk_margin_median"]
+    # a tenth of the margins below 0.01 exactly when the 10th percentile is below it
+    assert 0.0 < stored["routing/near_tie_share"] < 1.0
+    assert (stored["routing/near_tie_share"] > 0.1) == (stored["routing/topk_margin_p10"] < 0.01)
     # The mean of the layers' loads is at least as even as the layers on average (entropy is concave).
     assert stored["routing/load_entropy_pooled"] >= stored["routing/load_entropy"] - 1e-6
     assert any("expert load" in line and "balance_coef 0.01" in line for line in lines), lines

@@ -233,10 +233,21 @@ def answer_load_balance(model, tokenizer, problems: list[Problem], batch_size: i
     joined = [torch.cat(layer)[None] for layer in zip(*routes)]
     metrics = load_balance_metrics(joined, torch.cat(masks)[None], routing.num_experts)
     metrics.update(pooled_load_balance_metrics(joined, torch.cat(masks)[None], routing.num_experts))
-    margin = torch.cat(margins, dim=1).float()
-    metrics["routing/topk_margin_median"] = margin.median().item()
-    metrics["routing/topk_margin_p10"] = margin.quantile(0.1).item()
+    metrics.update(margin_metrics(torch.cat(margins, dim=1)))
     return metrics
+
+
+def margin_metrics(margins: torch.Tensor) -> dict[str, float]:
+    """Median and 10th percentile of top-k margins (any shape), and `routing/near_tie_share`, the
+    share below NEAR_TIE: the density of near-ties, so an update that moves a gap by δ ≪ NEAR_TIE
+    flips about near_tie_share × δ / NEAR_TIE of the boundary choices."""
+    margins = margins.float().flatten()
+    return {"routing/topk_margin_median": margins.median().item(),
+            "routing/topk_margin_p10": margins.quantile(0.1).item(),
+            "routing/near_tie_share": (margins < NEAR_TIE).float().mean().item()}
+
+
+NEAR_TIE = 0.01  # router logits: a top-k margin below this counts as a near-tie
 
 
 def topk_margin(router_logits: torch.Tensor, k: int) -> torch.Tensor:
