@@ -247,8 +247,8 @@ def plot_by_setting(series: dict[str, list[tuple[str, dict[str, Optional[Interva
 
 def plot_comparison(stats: list[Any], baseline: str, out: str | Path) -> Path:
     """Each group's final accuracy minus its baseline's (`uncertainty.GroupStats`), paired per
-    (seed, problem): the difference with its 95% interval as an error bar, p and the number of
-    seeds in the label; a line at 0."""
+    (seed, problem): the difference with its 95% interval as an error bar, p (and, with several
+    comparisons, Holm's adjusted p) and the number of seeds in the label; a line at 0."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -261,6 +261,8 @@ def plot_comparison(stats: list[Any], baseline: str, out: str | Path) -> Path:
         low, high = (p.diff, p.diff) if p.low is None else (p.low, p.high)
         ax.errorbar([p.diff], [i], xerr=[[p.diff - low], [high - p.diff]], fmt="o", capsize=4)
         pval = "" if p.p is None else f", p={p.p:.2g}"
+        if g.comparison.p_holm is not None and len(rows) > 1:
+            pval += f" (Holm {g.comparison.p_holm:.2g})"
         ax.annotate(f"{p.diff:+.3f}{pval}, seeds={len(g.comparison.seeds)}", (p.diff, i), textcoords="offset points",
                     xytext=(0, 6), fontsize=7, ha="center")
     ax.axvline(0.0, color="grey", linewidth=1)
