@@ -313,20 +313,24 @@ def test_report_states_intervals_n_and_paired_comparisons_against_the_baseline(t
     # gspo-token has one seed: n=1, no interval, never an interval borrowed from elsewhere
     assert rows["6"]["group_n"] == "1" and rows["6"]["group_final_ci_low"] == ""
     assert "0.900 n=1" in text
-    # grpo against gspo, paired on seeds 0, 1, 2 x 10 problems: only gspo right on 2 + 2 + 1 of 30 pairs:
-    # −1/6, s_d = 0.379049, se = 0.069204, t_0.975(29) = 2.04523: (−0.30820, −0.02513), t = −2.40832
+    # grpo against gspo, paired on seeds 0, 1, 2 x 10 problems: only gspo right on 2 + 2 + 1 of 30 pairs
+    # (problems 6, 7 on seed 0; 5, 6 on seed 1; 5 on seed 2). Each problem one cluster, its seeds averaged:
+    # d = [0] * 5 + [−2/3, −2/3, −1/3] + [0, 0], mean −1/6, s_d = 0.283279, se = 0.089581,
+    # t_0.975(9) = 2.26216: (−0.36931, +0.03598), t = −1.86052 on 9 df. (Treated as 30 independent pairs,
+    # as before clustering: (−0.30820, −0.02513), p 0.0226, "significant" from problem 5's and 6's repeats.)
     grpo = rows["3"]
     assert grpo["baseline"] == "gspo" and grpo["vs_baseline_pairs"] == "30" and grpo["vs_baseline_seeds"] == "3"
+    assert grpo["vs_baseline_problems"] == "10"
     assert float(grpo["vs_baseline_diff"]) == pytest.approx(-1 / 6, abs=1e-5)
     assert (float(grpo["vs_baseline_ci_low"]), float(grpo["vs_baseline_ci_high"])) == pytest.approx(
-        (-0.30820, -0.02513), abs=1e-5)
-    assert float(grpo["vs_baseline_p"]) == pytest.approx(0.022608, abs=1e-6)  # the t density integrated (test_stats)
+        (-0.36931, 0.03598), abs=1e-5)
+    assert float(grpo["vs_baseline_p"]) == pytest.approx(0.095734, abs=1e-6)
     # over seeds: −0.2, −0.2, −0.1: mean −0.16667, s = 0.057735: ± 0.143422 -> (−0.31009, −0.02324)
     assert (float(grpo["vs_baseline_seed_ci_low"]), float(grpo["vs_baseline_seed_ci_high"])) == pytest.approx(
         (-0.31009, -0.02324), abs=1e-5)
     table = text[text.index("against the baseline algo=gspo"):]
     grpo_row = next(line for line in table.splitlines() if line.startswith("│ grpo"))
-    assert "-0.167 [-0.308, -0.025] n=30" in grpo_row and "0.0226" in grpo_row and "0 / 5" in grpo_row
+    assert "-0.167 [-0.369, 0.036] n=30 / 10 problems" in grpo_row and "0.0957" in grpo_row and "0 / 5" in grpo_row
     # gspo-token against gspo on seed 0 alone: +0.1 over 10 pairs (t_0.975(9) = 2.26216: ± 0.226216)
     token = rows["6"]
     assert (float(token["vs_baseline_ci_low"]), float(token["vs_baseline_ci_high"])) == pytest.approx(
@@ -334,11 +338,11 @@ def test_report_states_intervals_n_and_paired_comparisons_against_the_baseline(t
     token_row = next(line for line in table.splitlines() if line.startswith("│ gspo-token"))
     assert "n=1: no interval" in token_row  # one shared seed: no interval over seeds
     # Holm over the report's two comparisons: gspo-token t = 1 on 9 df, p = 0.343436; grpo's smaller
-    # p doubled, 0.045216; the larger kept (at least the smaller's adjusted value).
+    # p doubled, 0.191468; the larger kept (at least the smaller's adjusted value).
     assert float(token["vs_baseline_p"]) == pytest.approx(0.343436, abs=1e-6)
-    assert float(grpo["vs_baseline_p_holm"]) == pytest.approx(2 * 0.022608, abs=2e-6)
+    assert float(grpo["vs_baseline_p_holm"]) == pytest.approx(2 * 0.095734, abs=2e-6)
     assert float(token["vs_baseline_p_holm"]) == pytest.approx(0.343436, abs=1e-6)
-    assert "0.0452" in grpo_row and "the 2 comparisons (Holm)" in " ".join(text.split())
+    assert "0.191" in grpo_row and "the 2 comparisons (Holm)" in " ".join(text.split())
     assert rows["0"]["vs_baseline_diff"] == "" and rows["0"]["baseline"] == "gspo"  # the baseline itself
     # the clip share over tokens with a non-zero advantage and the share of all-equal groups, per run and group
     assert float(rows["0"]["mean_clip_fraction_nonzero_adv"]) == pytest.approx(0.03)

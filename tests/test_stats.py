@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from gspo_cli.report.stats import (holm_adjusted, mean_interval, normal_quantile, paired_difference, regularized_beta,
-                                   t_quantile, t_two_sided_p, wilson_interval)
+from gspo_cli.report.stats import (clustered_paired_difference, holm_adjusted, mean_interval, normal_quantile,
+                                   paired_difference, regularized_beta, t_quantile, t_two_sided_p, wilson_interval)
 
 
 def t_two_sided_p_by_simpson(t: float, df: int, steps: int = 4000) -> float:
@@ -94,3 +94,16 @@ def test_holm_adjustment_by_hand():
     assert holm_adjusted([0.2, 0.7]) == pytest.approx([0.4, 0.7])
     assert holm_adjusted([0.6, 0.5]) == pytest.approx([1.0, 1.0])  # capped at 1
     assert holm_adjusted([0.03]) == [0.03] and holm_adjusted([]) == []
+
+
+def test_clustered_paired_difference_counts_a_cluster_once():
+    # clusters p0 (2 pairs), p1 (2 pairs): cluster means +1 and −1/2, mean +1/4, s = 1.06066, se = 0.75,
+    # t = 1/3 on 1 df: p = 1 − (2/π)·atan(1/3) = 0.79517; interval 0.25 ± 12.7062·0.75.
+    d = clustered_paired_difference([1, 1, 1, 0], [0, 0, 1, 1], ["p0", "p0", "p1", "p1"])
+    assert (d.diff, d.n, d.clusters, d.a_only, d.b_only) == (0.25, 4, 2, 2, 1)
+    assert d.p == pytest.approx(1 - 2 / math.pi * math.atan(1 / 3), abs=1e-6)
+    assert (d.low, d.high) == pytest.approx((0.25 - 12.706205 * 0.75, 0.25 + 12.706205 * 0.75), abs=1e-5)
+    # one pair per cluster: the plain paired difference
+    a, b = [1, 0, 1, 1, 0], [0, 0, 1, 0, 1]
+    plain, each = paired_difference(a, b), clustered_paired_difference(a, b, range(5))
+    assert (each.diff, each.low, each.high, each.p) == (plain.diff, plain.low, plain.high, plain.p)

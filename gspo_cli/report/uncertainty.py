@@ -8,9 +8,10 @@ correctly). The choices, stated once (docs/sweeps-and-eval.md, "How sure the rep
 - a group (algorithm and other swept settings): mean over its finished seeds with Student's t
   interval (n − 1 degrees of freedom); at n = 1 no interval, and the cell says n=1;
 - a group against the baseline at the same other settings: paired per (seed, problem) on the
-  seeds both finished and the problems both evaluated (same digest): the paired t interval and
-  p-value of the difference in accuracy; also, from 2 shared seeds on, the t interval over the
-  per-seed differences (run-to-run noise, which pairing on problems does not see);
+  seeds both finished and the problems both evaluated (same digest), each problem one cluster
+  (its seeds' pairs averaged): the paired t interval and p-value of the difference in accuracy
+  over problems; also, from 2 shared seeds on, the t interval over the per-seed differences
+  (run-to-run noise, which pairing on problems does not see);
 - a collapse: the threshold rule of `sweep.summarize_records` *and* a drop larger than its
   interval (the paired interval of final − reference evaluation lies below 0).
 """
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from gspo_cli.report.eval_records import EvalCorrect
-from gspo_cli.report.stats import Interval, PairedDifference, holm_adjusted, mean_interval, paired_difference
+from gspo_cli.report.stats import (Interval, PairedDifference, clustered_paired_difference, holm_adjusted,
+                                   mean_interval, paired_difference)
 
 COLLAPSED = "collapsed"  # the threshold rule, and the drop's 95% interval below 0
 WITHIN_NOISE = "drop within noise"  # the threshold rule, but the drop's interval includes 0
@@ -145,7 +147,7 @@ def compare(runs: list[Any], base_runs: list[Any], final_correct: dict[str, Eval
     if not seeds:
         out.note = "no seed finished in both"
         return out
-    a, b, missing = [], [], []
+    a, b, problems, missing = [], [], [], []
     for seed in seeds:
         x, y = final_correct.get(by_seed[seed].job), final_correct.get(base_by_seed[seed].job)
         if x is None or y is None or x.problems != y.problems or len(x.correct) != len(y.correct):
@@ -153,8 +155,9 @@ def compare(runs: list[Any], base_runs: list[Any], final_correct: dict[str, Eval
             continue
         a.extend(x.correct)
         b.extend(y.correct)
+        problems.extend((x.problems, i) for i in range(len(x.correct)))  # the same problem on every seed
     if a:
-        out.problems = paired_difference(a, b)
+        out.problems = clustered_paired_difference(a, b, problems)
     if missing:
         out.note = (f"seed(s) {', '.join(map(str, missing))} without per-problem records on the same problems: "
                     "left out of the paired test")
@@ -213,7 +216,8 @@ def group_columns(stats: list[GroupStats], groups: dict[str, list[Any]], baselin
             "vs_baseline_diff": p.diff if p else None, "vs_baseline_ci_low": p.low if p else None,
             "vs_baseline_ci_high": p.high if p else None, "vs_baseline_p": p.p if p else None,
             "vs_baseline_p_holm": c.p_holm if c else None,
-            "vs_baseline_pairs": p.n if p else None, "vs_baseline_seeds": len(c.seeds) if c else None,
+            "vs_baseline_pairs": p.n if p else None, "vs_baseline_problems": p.clusters if p else None,
+            "vs_baseline_seeds": len(c.seeds) if c else None,
             "vs_baseline_seed_ci_low": c.over_seeds.low if c and c.over_seeds else None,
             "vs_baseline_seed_ci_high": c.over_seeds.high if c and c.over_seeds else None,
         }
@@ -242,9 +246,11 @@ def comparison_table(stats: list[GroupStats], baseline: str):
 
     tested = sum(g.comparison is not None and g.comparison.p_holm is not None for g in stats)
     table = Table(title=f"against the baseline {baseline} at the same other settings: final accuracy "
-                        "difference, paired per (seed, problem); 95% intervals; p Holm: p adjusted for the "
+                        "difference, paired per (seed, problem), interval and p over problems (a problem's "
+                        "seeds averaged); 95% intervals; p Holm: p adjusted for the "
                         f"{tested} comparisons (Holm), the one to read when several are made")
-    for name in ("group", "baseline", "seeds", "Δ acc [95% CI] pairs", "p", "p Holm", "only this / only baseline right",
+    for name in ("group", "baseline", "seeds", "Δ acc [95% CI] pairs / problems", "p", "p Holm",
+                 "only this / only baseline right",
                  "Δ over seeds [95% t-CI] n"):
         table.add_column(name, justify="left" if name in ("group", "baseline") else "right")
     for g in stats:
@@ -252,7 +258,8 @@ def comparison_table(stats: list[GroupStats], baseline: str):
         if c is None:
             continue
         p = c.problems
-        table.add_row(g.label, c.baseline or "–", str(len(c.seeds)), fmt_interval(p),
+        table.add_row(g.label, c.baseline or "–", str(len(c.seeds)),
+                      fmt_interval(p) + (f" / {p.clusters} problems" if p is not None and p.clusters else ""),
                       "–" if p is None or p.p is None else f"{p.p:.3g}",
                       "–" if c.p_holm is None else f"{c.p_holm:.3g}",
                       "–" if p is None else f"{p.a_only} / {p.b_only}",
